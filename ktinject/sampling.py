@@ -1,0 +1,73 @@
+"""Token sampling on the logits' device: greedy, temperature, top-k, top-p, seeded.
+
+Sampling stays on the GPU so the decode loop never copies a vocabulary-sized tensor to the host;
+only the chosen token id is read back (for streaming and stop checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ktinject.errors import KtinjectError
+
+
+@dataclass
+class SamplingParams:
+    """What to generate. `temperature == 0` means greedy (and ignores top-k/top-p/seed)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise KtinjectError(
+                f"max_new_tokens is {self.max_new_tokens}; it must be at least 1 "
+                f"(--max-new-tokens)."
+            )
+        if self.temperature < 0:
+            raise KtinjectError(f"temperature is {self.temperature}; it must be >= 0.")
+        if not 0 < self.top_p <= 1:
+            raise KtinjectError(f"top_p is {self.top_p}; it must be in (0, 1].")
+        if self.top_k < 0:
+            raise KtinjectError(f"top_k is {self.top_k}; it must be >= 0 (0 disables it).")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A seeded generator for reproducible sampling, or None (global RNG / greedy)."""
+    if params.greedy or params.seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed)
+    return generator
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Pick one token per row of `logits` [B, V]; returns int64 [B] on the same device."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop = (cumulative - sorted_scores.softmax(dim=-1)) >= params.top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

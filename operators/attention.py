@@ -1,0 +1,233 @@
+"""Static-cache attention for GQA models (Llama, Qwen2/3, Mistral/Mixtral, Qwen3-MoE, OLMoE).
+
+The operator fuses the q/k/v projections into one matmul, writes the new K/V into the engine's
+fixed-size cache (`ktinject.cache`) at the current positions, and attends over each sequence's
+valid length only: SDPA with an offset causal mask for prefill chunks, and a flash-decoding kernel
+(Triton on GPU, torch on CPU) for single-token decode, which is CUDA-graph safe because lengths
+are read from device tensors. Outside an engine context it behaves exactly like the Hugging Face
+module it replaced (Hugging Face cache, Hugging Face mask), so `model.generate()` keeps working.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ktinject.cache import AttentionContext, LayerSpec, current_context
+from ktinject.errors import RuleError
+from operators.base import Operator, take
+from operators.triton.decode_attention import decode_attention_reference
+
+
+class StaticCacheAttention(Operator):
+    """Drop-in for Hugging Face GQA attention modules with q/k/v/o projections."""
+
+    def __init__(
+        self,
+        *,
+        qkv_weight: nn.Parameter,
+        qkv_bias: nn.Parameter | None,
+        o_proj: nn.Module,
+        q_norm: nn.Module | None,
+        k_norm: nn.Module | None,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scaling: float,
+        layer_idx: int,
+        rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        clip_qkv: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.qkv_weight = qkv_weight
+        self.qkv_bias = qkv_bias
+        self.o_proj = o_proj
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.norm_per_head = q_norm is not None and q_norm.weight.shape[0] == head_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.num_key_value_groups = num_heads // num_kv_heads
+        self.head_dim = head_dim
+        self.scaling = scaling
+        self.layer_idx = layer_idx
+        self.rotary = rotary
+        self.clip_qkv = clip_qkv
+        self.is_causal = True
+        self.split = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+        self.register_load_state_dict_pre_hook(_fuse_qkv)
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        name: str,
+        config: Any,
+        device: torch.device | None,
+        **kwargs: Any,
+    ) -> Self:
+        if kwargs:
+            raise TypeError(f"StaticCacheAttention takes no kwargs, got {sorted(kwargs)}")
+        for part in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx"):
+            if not hasattr(module, part):
+                raise TypeError(f"{type(module).__name__} has no {part}")
+        window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
+        if window is not None and window < getattr(config, "max_position_embeddings", 0):
+            raise RuleError(
+                f"{name} uses a sliding window of {window} tokens, which StaticCacheAttention "
+                f"does not implement; drop the attention rule for this model (it then runs "
+                f"Hugging Face attention)."
+            )
+        head_dim = module.head_dim
+        q, k, v = module.q_proj, module.k_proj, module.v_proj
+        weight = _cat([q.weight, k.weight, v.weight])
+        bias = _cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
+        o_proj = module.o_proj
+        if device is not None and not o_proj.weight.is_meta:
+            o_proj = o_proj.to(device)
+        rotary = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+        if rotary is None:
+            raise TypeError(f"{type(module).__module__} has no apply_rotary_pos_emb")
+        q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+        if device is not None and q_norm is not None and not q_norm.weight.is_meta:
+            q_norm, k_norm = q_norm.to(device), k_norm.to(device)
+        return cls(
+            qkv_weight=take(weight, device),
+            qkv_bias=take(bias, device) if bias is not None else None,
+            o_proj=o_proj,
+            q_norm=q_norm,
+            k_norm=k_norm,
+            num_heads=q.weight.shape[0] // head_dim,
+            num_kv_heads=k.weight.shape[0] // head_dim,
+            head_dim=head_dim,
+            scaling=module.scaling,
+            layer_idx=module.layer_idx,
+            rotary=rotary,
+            clip_qkv=getattr(config, "clip_qkv", None),
+        )
+
+    def cache_spec(self) -> LayerSpec:
+        """What the engine allocates for this layer."""
+        return LayerSpec(
+            kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            value_dim=self.head_dim,
+            dtype=self.qkv_weight.dtype,
+            device=self.qkv_weight.device,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        batch, length, _ = hidden_states.shape
+        q, k, v = F.linear(hidden_states, self.qkv_weight, self.qkv_bias).split(self.split, dim=-1)
+        if self.q_norm is not None and not self.norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self.rotary(q, k, cos, sin)
+        context = current_context()
+        if context is None:
+            out = self._hf_attention(q, k, v, attention_mask, past_key_values)
+        elif context.prefill_start is not None:
+            out = self._prefill(q, k, v, context)
+        else:
+            out = self._decode(q, k, v, context)
+        return self.o_proj(out.reshape(batch, length, -1)), None
+
+    def _hf_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Any,
+    ) -> torch.Tensor:
+        """Exactly what the replaced module does with Hugging Face's cache and mask."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out, _ = sdpa_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
+        return out
+
+    def _prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: AttentionContext
+    ) -> torch.Tensor:
+        """One chunk of one sequence: write K/V at [start, start+T), attend causally over
+        [0, start+T). The mask is offset by `start`, so any chunking gives the same result."""
+        k_cache, v_cache = context.cache.kv[self.layer_idx]
+        slot, start, length = int(context.slots[0]), context.prefill_start, q.shape[2]
+        end = start + length
+        k_cache[slot, :, start:end] = k[0]
+        v_cache[slot, :, start:end] = v[0]
+        keys, values = k_cache[slot, :, :end][None], v_cache[slot, :, :end][None]
+        mask = None
+        if start > 0:
+            mask = torch.ones(length, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=mask is None and length > 1,
+            scale=self.scaling,
+            enable_gqa=self.num_key_value_groups > 1,
+        )
+        return out.transpose(1, 2)
+
+    def _decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: AttentionContext
+    ) -> torch.Tensor:
+        """One new token per row: write it at `positions`, attend over `seq_lens` positions."""
+        k_cache, v_cache = context.cache.kv[self.layer_idx]
+        rows, positions = context.slots, context.positions[:, 0]
+        k_cache[rows, :, positions] = k[:, :, 0]
+        v_cache[rows, :, positions] = v[:, :, 0]
+        if q.is_cuda:
+            from operators.triton.decode_attention import decode_attention
+
+            out = decode_attention(
+                q[:, :, 0], k_cache, v_cache, rows, context.seq_lens, self.scaling
+            )
+        else:
+            if context.max_len is not None:  # read only what can be valid
+                k_cache = k_cache[:, :, : context.max_len]
+                v_cache = v_cache[:, :, : context.max_len]
+            out = decode_attention_reference(
+                q[:, :, 0], k_cache, v_cache, rows, context.seq_lens, self.scaling
+            )
+        return out[:, None]
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if tensors[0].is_meta:
+        rows = sum(t.shape[0] for t in tensors)
+        return torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype, device="meta")
+    return torch.cat([t.detach() for t in tensors], dim=0)
+
+
+def _fuse_qkv(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Accept the original `q_proj/k_proj/v_proj` keys and fuse them on load."""
+    for kind, target in (("weight", "qkv_weight"), ("bias", "qkv_bias")):
+        keys = [f"{prefix}{p}_proj.{kind}" for p in "qkv"]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}{target}"] = torch.cat([state_dict.pop(key) for key in keys])

@@ -1,0 +1,1 @@
+"""Triton kernels used by ktinject's optimized operators."""

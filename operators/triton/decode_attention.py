@@ -1,0 +1,484 @@
+"""Flash-decoding attention over a static (fixed-size) KV cache.
+
+Why this exists
+---------------
+During decode every sequence in the batch contributes exactly one new query token, and its keys
+and values live in a pre-allocated cache ``[S, Hkv, L, D]`` whose length ``L`` is the *maximum*
+context, not the current one.  Two constraints follow:
+
+* **Read only the valid prefix.**  Row ``b`` may attend to positions ``[0, seq_lens[b])`` of its
+  slot only.  Everything past that is stale or uninitialised (it may even hold NaN), so it must
+  neither be read into the softmax nor cost memory bandwidth: decode is bandwidth bound, and
+  streaming the whole ``L`` for a short sequence would waste most of the step.
+* **Be CUDA-graph capturable.**  The engine captures the decode step once and replays it with new
+  ``seq_lens``/``slots`` in place.  So the launch may not read tensor values on the host (no
+  ``.item()``, no synchronisation, no Python branching on data) and the grid may depend only on
+  shapes (``B``, ``Hkv``, ``L``), never on ``seq_lens``.
+
+Design (split-K "flash-decoding")
+---------------------------------
+The cache length is cut into fixed splits of ``split_len`` positions and the first kernel runs on
+the grid ``(B, Hkv, cdiv(L, split_len))``.  A program reads ``seq_lens[b]`` on the device and
+returns immediately when its split starts at or past it, so the work done scales with the valid
+length while the grid stays a pure function of shapes.  A live program loads each K/V tile once
+for the whole GQA group of query heads that share the kv head (the group is padded to at least 16
+rows so both products run through ``tl.dot``), runs an online softmax (base-2 exponentials, fp32
+statistics and accumulator) over its split, and writes its partial row max, row sum and
+unnormalised accumulator to an fp32 workspace.  A second kernel on the grid ``(B, Hq)`` merges the
+``cdiv(seq_len, split_len)`` live splits of each row (splits past that are never read, so the
+workspace needs no initialisation) and writes the normalised output.  When ``L`` fits in a single
+split the first kernel normalises and writes the output itself and the merge is skipped.
+
+:func:`decode_attention_reference` is the plain-torch equivalent: the CPU path of the engine and
+the oracle of the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: the torch reference must stay importable without it (e.g. macOS).
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = ["decode_attention", "decode_attention_reference"]
+
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 256
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Single-token decode attention over a static KV cache, in plain torch.
+
+    Args:
+        q: ``[B, Hq, D]`` query of the one new token of each row (fp32/bf16/fp16).
+        k_cache: ``[S, Hkv, L, D]`` key cache.
+        v_cache: ``[S, Hkv, L, D]`` value cache.
+        slots: ``[B]`` integer tensor, the cache slot that row ``b`` reads.
+        seq_lens: ``[B]`` int32/int64 tensor, the number of valid positions (``>= 1``) of that
+            slot.  Positions ``>= seq_lens[b]`` never influence the result, even if they hold NaN.
+        scale: softmax scale applied to ``q . k`` (usually ``D ** -0.5``).
+
+    Query head ``h`` uses kv head ``h // (Hq // Hkv)`` (grouped-query attention).  The math runs
+    in fp32 and the result is returned as ``[B, Hq, D]`` in ``q``'s dtype.
+
+    Off CUDA the gathered cache is trimmed to ``max(seq_lens)`` positions, which reads that value
+    on the host; on CUDA nothing is read on the host (the full ``L`` is gathered and masked), so
+    the function stays capturable there too, just slower than :func:`decode_attention`.
+    """
+    _check_inputs(q, k_cache, v_cache, slots, seq_lens)
+    B, Hq, D = q.shape
+    _, Hkv, L, _ = k_cache.shape
+    group = Hq // Hkv
+    if B == 0:
+        return q.new_empty((0, Hq, D))
+
+    lens = seq_lens.to(device=q.device, dtype=torch.long)
+    if q.device.type != "cuda":
+        # A host read is harmless off-GPU and saves gathering the unused tail of the cache.
+        L = max(1, min(L, int(lens.max())))
+    slot_idx = slots.to(device=q.device, dtype=torch.long)
+    keys = k_cache[:, :, :L][slot_idx]  # [B, Hkv, L, D]
+    values = v_cache[:, :, :L][slot_idx]
+
+    valid = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L]
+    valid_kv = valid[:, None, :, None]
+    # torch.where (not multiplication) so NaN garbage in the tail cannot leak into the result.
+    keys = torch.where(valid_kv, keys.float(), 0.0)
+    values = torch.where(valid_kv, values.float(), 0.0)
+
+    qf = q.float().reshape(B, Hkv, group, D)
+    scores = torch.matmul(qf, keys.transpose(-1, -2)) * scale  # [B, Hkv, G, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, values)  # [B, Hkv, G, D]
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def _check_inputs(q, k_cache, v_cache, slots, seq_lens) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [S, Hkv, L, D] with the same shape, got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    B, Hq, D = q.shape
+    _, Hkv, _, Dk = k_cache.shape
+    if Dk != D:
+        raise ValueError(f"head dim mismatch: q has D={D}, the cache has D={Dk}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"Hq={Hq} must be a positive multiple of Hkv={Hkv}")
+    if slots.shape != (B,) or seq_lens.shape != (B,):
+        raise ValueError(
+            f"slots and seq_lens must be [B]=[{B}], got {tuple(slots.shape)} and "
+            f"{tuple(seq_lens.shape)}"
+        )
+    if slots.dtype.is_floating_point or seq_lens.dtype.is_floating_point:
+        raise TypeError("slots and seq_lens must be integer tensors")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _default_split_len(cache_len: int) -> int:
+    """Split length chosen from the cache length alone (never from ``seq_lens``).
+
+    Aims at ~16 splits per (row, kv head) for parallelism at small batch, clamped to
+    ``[64, 256]`` positions so a split streams enough K/V to amortise the merge; tiny caches get
+    a single split of ``next_pow2(L)`` (>= 16) positions.
+    """
+    split = min(256, max(64, _next_pow2(triton.cdiv(cache_len, 16))))
+    return min(split, max(16, _next_pow2(cache_len)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        # UPCAST is only set under TRITON_INTERPRET for bf16: the interpreter stores bf16 as raw
+        # uint16 and its tl.dot multiplies those integers, so it has to see fp32 operands.  The
+        # operands are already rounded to bf16, so the result matches the GPU's bf16 MMA.
+        if UPCAST:
+            c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            c = tl.dot(a, b, input_precision=DOT_PRECISION)
+        return c
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        slots_ptr,
+        seq_lens_ptr,
+        out_ptr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        qk_scale,
+        cache_len,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_ks,
+        stride_kh,
+        stride_kl,
+        stride_kd,
+        stride_vs,
+        stride_vh,
+        stride_vl,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        stride_mb,
+        stride_mh,
+        stride_ms,
+        stride_ab,
+        stride_ah,
+        stride_as,
+        stride_ad,
+        GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SPLIT_LEN: tl.constexpr,
+        SINGLE_SPLIT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+
+        seq_len = tl.minimum(tl.load(seq_lens_ptr + b).to(tl.int32), cache_len)
+        split_start = split * SPLIT_LEN
+        if split_start < seq_len:  # otherwise this split holds no valid position: do nothing
+            split_end = tl.minimum(split_start + SPLIT_LEN, seq_len)
+            slot = tl.load(slots_ptr + b).to(tl.int64)
+
+            offs_g = tl.arange(0, BLOCK_G)
+            offs_d = tl.arange(0, BLOCK_D)
+            offs_n = tl.arange(0, BLOCK_N)
+            g_mask = offs_g < GROUP
+            d_mask = offs_d < HEAD_DIM
+            heads = kvh * GROUP + offs_g
+
+            q_ptrs = (
+                q_ptr
+                + b.to(tl.int64) * stride_qb
+                + heads[:, None] * stride_qh
+                + offs_d[None, :] * stride_qd
+            )
+            q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+            q = q.to(k_ptr.dtype.element_ty)
+
+            k_base = k_ptr + slot * stride_ks + kvh.to(tl.int64) * stride_kh
+            v_base = v_ptr + slot * stride_vs + kvh.to(tl.int64) * stride_vh
+
+            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_G], tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            # Static trip count (a data-dependent bound would also work on GPU, but the Triton
+            # interpreter cannot take a tensor as a range() bound).  Blocks at or past split_end
+            # are fully masked: their loads touch no memory and they add exactly zero.  Block 0
+            # always holds a valid position, so the running max is finite from then on.
+            for i in range(SPLIT_LEN // BLOCK_N):
+                pos = split_start + i * BLOCK_N + offs_n
+                n_mask = pos < split_end
+                kv_mask = n_mask[:, None] & d_mask[None, :]
+                pos64 = pos.to(tl.int64)
+                k = tl.load(
+                    k_base + pos64[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=kv_mask,
+                    other=0.0,
+                )
+                s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+                s = tl.where(n_mask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(
+                    v_base + pos64[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=kv_mask,
+                    other=0.0,
+                )
+                acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+                m_i = m_new
+
+            if SINGLE_SPLIT:
+                out = acc / l_i[:, None]
+                o_ptrs = (
+                    out_ptr
+                    + b.to(tl.int64) * stride_ob
+                    + heads[:, None] * stride_oh
+                    + offs_d[None, :] * stride_od
+                )
+                tl.store(
+                    o_ptrs,
+                    out.to(out_ptr.dtype.element_ty),
+                    mask=g_mask[:, None] & d_mask[None, :],
+                )
+            else:
+                row = b.to(tl.int64) * stride_mb + heads * stride_mh + split * stride_ms
+                tl.store(m_ptr + row, m_i, mask=g_mask)
+                tl.store(l_ptr + row, l_i, mask=g_mask)
+                a_ptrs = (
+                    acc_ptr
+                    + b.to(tl.int64) * stride_ab
+                    + heads[:, None] * stride_ah
+                    + split * stride_as
+                    + offs_d[None, :] * stride_ad
+                )
+                tl.store(a_ptrs, acc, mask=g_mask[:, None] & d_mask[None, :])
+
+    @triton.jit
+    def _decode_combine_kernel(
+        seq_lens_ptr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        out_ptr,
+        cache_len,
+        stride_mb,
+        stride_mh,
+        stride_ms,
+        stride_ab,
+        stride_ah,
+        stride_as,
+        stride_ad,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        SPLIT_LEN: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+
+        seq_len = tl.minimum(tl.load(seq_lens_ptr + b).to(tl.int32), cache_len)
+        n_live = tl.cdiv(seq_len, SPLIT_LEN)  # splits that were written; the rest are garbage
+
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        m_row = m_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        l_row = l_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        a_row = acc_ptr + b.to(tl.int64) * stride_ab + h.to(tl.int64) * stride_ah
+
+        m_run = tl.full([1], float("-inf"), tl.float32)
+        l_run = tl.zeros([1], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):  # static bound: see the split kernel's loop
+            s = s0 + offs_s
+            s_mask = s < n_live
+            m = tl.load(m_row + s * stride_ms, mask=s_mask, other=float("-inf"))
+            lsum = tl.load(l_row + s * stride_ms, mask=s_mask, other=0.0)
+            a = tl.load(
+                a_row + s[:, None] * stride_as + offs_d[None, :] * stride_ad,
+                mask=s_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            # m_run is finite after chunk 0 (split 0 is always live); a fully dead chunk leaves
+            # m_new = m_run and adds w = 0.
+            m_new = tl.maximum(m_run, tl.max(m, 0))
+            alpha = tl.exp2(m_run - m_new)
+            w = tl.exp2(m - m_new)  # 0 for masked splits
+            l_run = l_run * alpha + tl.sum(w * lsum, 0)
+            acc = acc * alpha + tl.sum(w[:, None] * a, 0)
+            m_run = m_new
+
+        out = acc / l_run
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        tl.store(o_ptrs + offs_d * stride_od, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    split_len: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Single-token decode attention over a static KV cache (Triton, split-K flash-decoding).
+
+    Same contract as :func:`decode_attention_reference`: ``q`` ``[B, Hq, D]``, caches
+    ``[S, Hkv, L, D]``, ``slots`` ``[B]`` (integer), ``seq_lens`` ``[B]`` (int32/int64, each
+    ``1 <= seq_len <= L``; larger values are clamped to ``L``), GQA head mapping
+    ``h -> h // (Hq // Hkv)``, softmax of ``scale * q . k`` over the valid positions only,
+    fp32 accumulation, output ``[B, Hq, D]`` in ``q``'s dtype.  ``q`` is cast to the cache
+    dtype before the products.  Positions ``>= seq_len`` are never loaded.
+
+    CUDA-graph safe: only shapes and dtypes are inspected on the host; the grid is
+    ``(B, Hkv, cdiv(L, split_len))`` plus ``(B, Hq)`` for the merge, and the fp32 workspace is
+    allocated from shapes alone.  Splits past ``seq_len`` exit at once.
+
+    Args:
+        split_len: positions per split (power of two, >= 16).  Default: chosen from ``L`` only,
+            see :func:`_default_split_len`.  Tests shrink it to force several splits.
+        block_n: positions per K/V tile inside a split (power of two, >= 16, divides
+            ``split_len``).  Default ``min(64, split_len)``.
+
+    Supports any head dim ``1 <= D <= 256`` (non powers of two such as 96 are padded and
+    masked).  Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    if triton is None:
+        raise RuntimeError("decode_attention needs triton; use decode_attention_reference")
+    _check_inputs(q, k_cache, v_cache, slots, seq_lens)
+    B, Hq, D = q.shape
+    _, Hkv, L, _ = k_cache.shape
+    if not 1 <= D <= _MAX_HEAD_DIM:
+        raise ValueError(f"decode_attention supports head dims 1..{_MAX_HEAD_DIM}, got D={D}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"unsupported q dtype {q.dtype}")
+    if k_cache.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"unsupported cache dtype {k_cache.dtype}")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    devices = {t.device for t in (q, k_cache, v_cache, slots, seq_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    interpreted = not isinstance(_decode_split_kernel, triton.runtime.JITFunction)
+    if q.device.type != "cuda" and not interpreted:
+        raise RuntimeError(
+            f"decode_attention got {q.device} tensors but Triton is compiling for GPU; use "
+            "decode_attention_reference, or set TRITON_INTERPRET=1 before importing this module"
+        )
+
+    group = Hq // Hkv
+    if split_len is None:
+        split_len = _default_split_len(L)
+    if block_n is None:
+        block_n = min(64, split_len)
+    for name, val in (("split_len", split_len), ("block_n", block_n)):
+        if val < 16 or val & (val - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {val}")
+    if split_len % block_n:
+        raise ValueError(f"block_n={block_n} must divide split_len={split_len}")
+
+    out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    if B == 0 or L == 0:
+        return out
+
+    num_splits = triton.cdiv(L, split_len)
+    single = num_splits == 1
+    block_d = max(16, _next_pow2(D))
+    if single:  # the split kernel writes the output directly; the workspace is unused
+        m_ws = l_ws = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
+        acc_ws = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
+    else:
+        m_ws = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+        l_ws = torch.empty_like(m_ws)
+        acc_ws = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        slots,
+        seq_lens,
+        out,
+        m_ws,
+        l_ws,
+        acc_ws,
+        float(scale) * _LOG2E,
+        L,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *out.stride(),
+        *m_ws.stride(),
+        *acc_ws.stride(),
+        GROUP=group,
+        HEAD_DIM=D,
+        BLOCK_G=max(16, _next_pow2(group)),
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        SPLIT_LEN=split_len,
+        SINGLE_SPLIT=single,
+        # fp32 caches: exact fp32 products (the default would silently round to tf32).
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        UPCAST_DOT=interpreted and k_cache.dtype == torch.bfloat16,
+        num_warps=4,
+        num_stages=2,
+    )
+    if not single:
+        _decode_combine_kernel[(B, Hq)](
+            seq_lens,
+            m_ws,
+            l_ws,
+            acc_ws,
+            out,
+            L,
+            *m_ws.stride(),
+            *acc_ws.stride(),
+            *out.stride(),
+            HEAD_DIM=D,
+            BLOCK_D=block_d,
+            BLOCK_S=min(16, _next_pow2(num_splits)),
+            SPLIT_LEN=split_len,
+            NUM_SPLITS=num_splits,
+            num_warps=1 if block_d <= 64 else 2,
+        )
+    return out

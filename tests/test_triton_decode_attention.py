@@ -1,0 +1,245 @@
+"""Tests for the flash-decoding kernel and its torch reference (operators/triton/decode_attention).
+
+Without CUDA the Triton kernels run under the Triton interpreter.  Triton picks compile vs.
+interpret when a kernel is *decorated* (i.e. when the kernel module is imported), reading
+``TRITON_INTERPRET`` then, so the variable is set below before anything imports that module.
+``import torch`` does not import triton (checked with torch 2.13 CPU and torch 2.11 CUDA builds),
+so ``torch.cuda.is_available()`` is safe to call first.  If some earlier test module already
+imported the kernel module in compile mode on a CUDA-less machine, it is reloaded.
+
+The interpreter is slow (100-7000x torch), so shapes stay tiny: a short split length forces
+several splits on caches of a few dozen positions.  On a GPU the same tests use the compiler.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # `operators` is a top-level package of the repo
+    sys.path.insert(0, _ROOT)
+
+import operators.triton.decode_attention as dmod  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+if HAS_TRITON and not CUDA:
+    import triton  # noqa: E402
+
+    if isinstance(dmod._decode_split_kernel, triton.runtime.JITFunction):
+        dmod = importlib.reload(dmod)  # imported before TRITON_INTERPRET was set
+
+decode_attention = dmod.decode_attention
+decode_attention_reference = dmod.decode_attention_reference
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def make_case(
+    B, Hq, Hkv, L, D, seq_lens, *, S=None, slots=None, dtype=torch.float32, seed=0, nan_tail=True
+):
+    """Random q and caches; every cache position no row may read is NaN (when nan_tail)."""
+    S = S if S is not None else B + 1
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, D, generator=gen)
+    k = torch.randn(S, Hkv, L, D, generator=gen)
+    v = torch.randn(S, Hkv, L, D, generator=gen)
+    if slots is None:
+        slots = torch.randperm(S, generator=gen)[:B]
+    slots = torch.as_tensor(slots, dtype=torch.int64)
+    seq_lens = torch.as_tensor(seq_lens)
+    if nan_tail:
+        readable = torch.zeros(S, L, dtype=torch.bool)
+        for b in range(B):
+            readable[slots[b], : int(seq_lens[b])] = True
+        k[~readable[:, None, :, None].expand_as(k)] = float("nan")
+        v[~readable[:, None, :, None].expand_as(v)] = float("nan")
+    to = dict(device=DEVICE)
+    return (
+        q.to(dtype=dtype, **to),
+        k.to(dtype=dtype, **to),
+        v.to(dtype=dtype, **to),
+        slots.to(**to),
+        seq_lens.to(**to),
+    )
+
+
+def naive_oracle(q, k_cache, v_cache, slots, seq_lens, scale):
+    """Per-row, per-head loop in float64 over exactly the valid prefix."""
+    q, k_cache, v_cache = (t.cpu().double() for t in (q, k_cache, v_cache))
+    B, Hq, D = q.shape
+    group = Hq // k_cache.shape[1]
+    out = torch.empty(B, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        n, s = int(seq_lens[b]), int(slots[b])
+        for h in range(Hq):
+            k = k_cache[s, h // group, :n]
+            v = v_cache[s, h // group, :n]
+            out[b, h] = torch.softmax(k @ q[b, h] * scale, dim=0) @ v
+    return out
+
+
+# ---------------------------------------------------------------- reference vs naive oracle
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2), (4, 1)])
+@pytest.mark.parametrize("len_dtype", [torch.int32, torch.int64])
+def test_reference_matches_naive_loop(Hq, Hkv, len_dtype):
+    L, D = 24, 16
+    seq_lens = torch.tensor([1, 9, L], dtype=len_dtype)
+    q, k, v, slots, lens = make_case(3, Hq, Hkv, L, D, seq_lens, S=5)
+    scale = D**-0.5
+    out = decode_attention_reference(q, k, v, slots, lens, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(
+        out.cpu().double(), naive_oracle(q, k, v, slots, lens, scale), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_reference_low_precision_returns_q_dtype():
+    q, k, v, slots, lens = make_case(2, 4, 2, 16, 16, [3, 16], dtype=torch.bfloat16)
+    out = decode_attention_reference(q, k, v, slots, lens, 0.25)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(
+        out.cpu().double(), naive_oracle(q, k, v, slots, lens, 0.25), atol=2e-2, rtol=2e-2
+    )
+
+
+def test_reference_rejects_bad_shapes():
+    q, k, v, slots, lens = make_case(2, 3, 2, 8, 16, [1, 2], nan_tail=False)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention_reference(q, k, v, slots, lens, 1.0)
+
+
+# ---------------------------------------------------------------- Triton vs reference
+
+
+def _check_triton(q, k, v, slots, lens, scale, **kw):
+    out = decode_attention(q, k, v, slots, lens, scale, **kw)
+    ref = decode_attention_reference(q, k, v, slots, lens, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all(), "garbage (NaN) past seq_len leaked into the output"
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[q.dtype])
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("split_len,block_n", [(16, 16), (32, 16)])
+def test_triton_matches_reference(dtype, Hq, Hkv, split_len, block_n):
+    # L = 48 with split 16: seq_len 1, exactly one split, one past a split boundary, all of L.
+    L, D = 48, 64
+    q, k, v, slots, lens = make_case(
+        4, Hq, Hkv, L, D, torch.tensor([1, 16, 17, L], dtype=torch.int32), dtype=dtype, S=6
+    )
+    _check_triton(q, k, v, slots, lens, D**-0.5, split_len=split_len, block_n=block_n)
+
+
+@needs_triton
+@pytest.mark.parametrize("D", [16, 96, 128])
+def test_triton_head_dims(D):
+    # 96 is not a power of two: padded to 128 and masked.
+    q, k, v, slots, lens = make_case(2, 4, 2, 40, D, torch.tensor([40, 23]), dtype=torch.float16)
+    _check_triton(q, k, v, slots, lens, D**-0.5, split_len=16)
+
+
+@needs_triton
+@pytest.mark.parametrize("L,lens", [(40, [1, 40, 33]), (130, [130, 1, 64])])
+def test_triton_default_split_len(L, lens):
+    # L=40: one split (the split kernel normalises and writes the output itself);
+    # L=130: default split 64 -> 3 splits plus the merge kernel.
+    q, k, v, slots, seq_lens = make_case(3, 2, 1, L, 16, torch.tensor(lens, dtype=torch.int64))
+    _check_triton(q, k, v, slots, seq_lens, 0.3)
+
+
+@needs_triton
+def test_triton_noncontiguous_q_and_reused_slot():
+    B, Hq, Hkv, L, D = 3, 4, 2, 32, 16
+    _, k, v, _, lens = make_case(B, Hq, Hkv, L, D, [5, 32, 20], slots=[1, 0, 1], S=2)
+    # Rows 0 and 2 share slot 1 with different lengths; k/v NaN only where no row reads.
+    qkv = torch.randn(B, Hq, 3 * D, device=DEVICE)
+    q = qkv[:, :, D : 2 * D]
+    slots = torch.tensor([1, 0, 1], device=DEVICE)
+    _check_triton(q, k, v, slots, lens, D**-0.5, split_len=16)
+
+
+@needs_triton
+@settings(max_examples=10, deadline=None)
+@given(
+    data=st.data(),
+    gqa=st.sampled_from([(2, 2), (4, 2), (2, 1)]),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_random_seq_lens(data, gqa, seed):
+    Hq, Hkv = gqa
+    L, D, S = 48, 16, 4
+    B = data.draw(st.integers(1, 3), label="B")
+    lens = data.draw(st.lists(st.integers(1, L), min_size=B, max_size=B), label="seq_lens")
+    slots = data.draw(st.permutations(range(S)), label="slots")[:B]
+    q, k, v, slots_t, lens_t = make_case(
+        B, Hq, Hkv, L, D, torch.tensor(lens, dtype=torch.int32), S=S, slots=slots, seed=seed
+    )
+    _check_triton(q, k, v, slots_t, lens_t, D**-0.5, split_len=16)
+
+
+@needs_triton
+def test_triton_rejects_bad_arguments():
+    q, k, v, slots, lens = make_case(1, 2, 1, 16, 16, [4], nan_tail=False)
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention(q, k, v, slots, lens, 1.0, split_len=24)
+    with pytest.raises(ValueError, match="divide"):
+        decode_attention(q, k, v, slots, lens, 1.0, split_len=16, block_n=32)
+    big = torch.zeros(1, 2, 512, device=DEVICE)
+    kbig = torch.zeros(1, 1, 16, 512, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims"):
+        decode_attention(big, kbig, kbig, slots, lens, 1.0)
+
+
+# ---------------------------------------------------------------- CUDA only: graph capture
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+def test_triton_cuda_graph_replay_with_new_lengths():
+    B, Hq, Hkv, L, D = 4, 8, 2, 1024, 128
+    q, k, v, slots, lens = make_case(
+        B, Hq, Hkv, L, D, torch.tensor([1, 255, 256, L], dtype=torch.int32), dtype=torch.bfloat16
+    )
+    scale = D**-0.5
+    decode_attention(q, k, v, slots, lens, scale)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, slots, lens, scale)
+    for new_lens in ([L, 3, 700, 257], [1, 1, 1, 1], [1, 255, 256, L]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        # make_case put NaN past the original lengths; use finite data for the replays
+        k.copy_(torch.randn_like(k))
+        v.copy_(torch.randn_like(v))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        ref = decode_attention_reference(q, k, v, slots, lens, scale)
+        torch.testing.assert_close(out.float(), ref.float(), **TOL[torch.bfloat16])
