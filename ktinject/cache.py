@@ -62,6 +62,15 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv.values())
 
+    def copy_from(self, other: StaticKVCache) -> None:
+        """Take over the contents of a smaller cache (local mode grows without losing state)."""
+        for layer, (k, v) in other.kv.items():
+            length = min(other.cache_lens, self.cache_lens)
+            self.kv[layer][0][:, :, :length] = k[:, :, :length]
+            self.kv[layer][1][:, :, :length] = v[:, :, :length]
+        self.lengths = list(other.lengths)
+        self.tokens = [list(tokens) for tokens in other.tokens]
+
     def reset(self, slot: int) -> None:
         """Forget a slot's contents (stale data past `lengths` is never read)."""
         self.truncate(slot, 0)

@@ -135,9 +135,12 @@ class Engine:
         return self.cache.tokens[slot] if self.cache is not None else self.dynamic_tokens[slot]
 
     def _allocate(self, cache_lens: int) -> None:
-        self.cache = None
+        """(Re)allocate the static cache; a larger one keeps what the old one held."""
+        old, self.cache = self.cache, None
         self.graphs.clear()
         self.cache = StaticKVCache(self.specs, num_slots=self.num_slots, cache_lens=cache_lens)
+        if old is not None:
+            self.cache.copy_from(old)
 
     # -- context checks -------------------------------------------------------------------------
 
@@ -145,13 +148,17 @@ class Engine:
         """Raise `ContextLengthError` before any compute when the request cannot fit. In local
         mode the cache grows to fit, bounded by the model's context window."""
         limit = self.fixed_cache_lens
-        if limit is None:
+        window = limit is None
+        if window:
             limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if limit is None:
             return
         if prompt_tokens >= limit or prompt_tokens + max_new_tokens > limit:
             raise ContextLengthError(
-                prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, cache_lens=limit
+                prompt_tokens=prompt_tokens,
+                max_new_tokens=max_new_tokens,
+                cache_lens=limit,
+                window=window,
             )
 
     def reserve(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -172,6 +179,7 @@ class Engine:
         leading tokens were reused from the slot's cache (at least one token is recomputed)."""
         if not token_ids:
             raise KtinjectError("The prompt is empty; give at least one token.")
+        self.reserve(len(token_ids), 1)
         cached = self._shared_prefix(slot, token_ids) if reuse else 0
         cached = min(cached, len(token_ids) - 1)
         self._truncate(slot, cached)
@@ -192,11 +200,7 @@ class Engine:
                 ]
             )
         positions = [self.cache.lengths[s] for s in slots]
-        for position in positions:
-            if position >= self.cache.cache_lens:
-                raise ContextLengthError(
-                    prompt_tokens=position, max_new_tokens=1, cache_lens=self.cache.cache_lens
-                )
+        self.reserve(max(positions), 1)
         if self.cuda_graph:
             logits = self._graph(len(slots)).run(slots, token_ids, positions)
         else:
@@ -295,12 +299,6 @@ class Engine:
     def _forward_chunk(self, slot: int, start: int, chunk: list[int]) -> torch.Tensor:
         """Process `chunk` at positions [start, start+len) of `slot`; return last logits [V]."""
         if self.static:
-            if self.cache is None or start + len(chunk) > self.cache.cache_lens:
-                raise ContextLengthError(
-                    prompt_tokens=start + len(chunk),
-                    max_new_tokens=0,
-                    cache_lens=self.cache_lens or 0,
-                )
             logits = self._static_forward([slot], chunk, [start], prefill=True)[0]
             self.cache.lengths[slot] = start + len(chunk)
             self.cache.tokens[slot].extend(chunk)

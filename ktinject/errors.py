@@ -29,7 +29,8 @@ class ModelSourceError(KtinjectError):
 
 
 class ContextLengthError(KtinjectError):
-    """A prompt (plus reused history and new tokens) does not fit in the KV cache."""
+    """A prompt (plus reused history and new tokens) does not fit in the KV cache, or, in local
+    mode, in the model's context window (`window=True`)."""
 
     def __init__(
         self,
@@ -37,23 +38,27 @@ class ContextLengthError(KtinjectError):
         prompt_tokens: int,
         max_new_tokens: int,
         cache_lens: int,
-        cached_tokens: int = 0,
+        window: bool = False,
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.cache_lens = cache_lens
-        self.cached_tokens = cached_tokens
+        if window:
+            holder = f"the model's context window is {cache_lens:,} positions"
+            grow = "use a model with a longer max_position_embeddings"
+        else:
+            holder = f"the KV cache holds {cache_lens:,} positions"
+            grow = "raise --cache-lens (cache_lens)"
         if prompt_tokens >= cache_lens:
             message = (
-                f"The prompt has {prompt_tokens:,} tokens but the KV cache holds {cache_lens:,} "
-                f"positions (and at least one more is needed to answer); raise --cache-lens "
-                f"(cache_lens) or shorten the prompt."
+                f"The prompt has {prompt_tokens:,} tokens but {holder} (and at least one more "
+                f"is needed to answer); shorten the prompt or {grow}."
             )
         else:
             message = (
                 f"The prompt has {prompt_tokens:,} tokens and {max_new_tokens:,} new tokens were "
-                f"requested, {prompt_tokens + max_new_tokens:,} in all, but the KV cache holds "
-                f"{cache_lens:,} positions; lower --max-new-tokens (max_tokens) to at most "
-                f"{cache_lens - prompt_tokens:,} or raise --cache-lens (cache_lens)."
+                f"requested, {prompt_tokens + max_new_tokens:,} in all, but {holder}; lower "
+                f"--max-new-tokens (max_tokens) to at most {cache_lens - prompt_tokens:,} or "
+                f"{grow}."
             )
         super().__init__(message)

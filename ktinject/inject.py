@@ -104,19 +104,21 @@ def _visit(
 ) -> None:
     for child_name, child in list(parent.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
-        hit = next(((i, r) for i, r in enumerate(rules) if r.matches(name, child)), None)
-        if hit is None:
+        hits = [i for i, r in enumerate(rules) if r.matches(name, child)]
+        # A rule shadowed by an earlier one (e.g. the base rule an `extends` file overrides) did
+        # match: only rules that match no visited module are reported as unmatched.
+        used.update(hits)
+        if not hits:
             _visit(child, name, rules, config, report, used)
             continue
-        index, rule = hit
-        used.add(index)
+        rule = rules[hits[0]]
         new = _build(rule, child, name, config)
         if new is not child:
             setattr(parent, child_name, new)
         report.replacements.append(
             Replacement(
                 name=name,
-                rule=rule.where,
+                rule=rule.label,
                 original=type(child).__name__,
                 operator=type(new).__name__ if rule.operator is not None else "default",
                 device=_device_label(rule.device or module_device(new)),

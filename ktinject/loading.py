@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,66 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+@dataclass
+class Plan:
+    """A model built on the meta device with the rules applied, before any weight is read."""
+
+    source: ModelSource
+    hf_dir: Path
+    model: nn.Module
+    report: InjectionReport
+    rules: str | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+def plan(
+    source: str | Path | None = None,
+    *,
+    rules: str | Path | None = "auto",
+    overrides: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    strict: bool = False,
+    allow_external_operators: bool = False,
+) -> Plan:
+    """Resolve the source and apply `rules` to the architecture on meta (cheap: no weights).
+
+    `rules="auto"` picks the shipped rule file for the model's family (none: the model runs
+    unpatched); `None` applies no rules; anything else is a rule file path or shipped name.
+    """
+    from transformers import AutoConfig
+
+    model_source = resolve_source(source)
+    target = (
+        default_device()
+        if device is None
+        else check_device(device, where="--device", fix="--device")
+    )
+    hf_dir = model_source.path
+    if model_source.kind in ("gguf", "embedded"):
+        hf_dir = convert_gguf(model_source.path)
+    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+    rule_spec = rules_for(config.model_type) if rules == "auto" else rules
+    target_dtype = resolve_dtype(dtype, target)
+    model, report = optimize(
+        build_on_meta(config, target_dtype),
+        rule_spec,
+        strict=strict,
+        allow_external_operators=allow_external_operators,
+        **(overrides or {}),
+    )
+    return Plan(
+        source=model_source,
+        hf_dir=hf_dir,
+        model=model,
+        report=report,
+        rules=str(rule_spec) if rule_spec is not None else None,
+        device=target,
+        dtype=target_dtype,
+    )
+
+
 def load(
     source: str | Path | None = None,
     *,
@@ -201,54 +262,33 @@ def load(
     allow_external_operators: bool = False,
     progress: bool = True,
 ) -> LoadedModel:
-    """Load model and tokenizer from `source` and apply `rules`.
+    """Load model and tokenizer from `source` with `rules` applied (see `plan`), weights placed."""
+    from transformers import AutoTokenizer
 
-    `rules="auto"` picks the shipped rule file for the model's family (none: the model runs
-    unpatched); `None` applies no rules; anything else is a rule file path or shipped name.
-    """
-    import time
-
-    from transformers import AutoConfig, AutoTokenizer
-
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    model_source = resolve_source(source)
-    target_device = (
-        check_device(device, where="--device", fix="--device")
-        if device is not None
-        else default_device()
-    )
-    hf_dir = model_source.path
-    if model_source.kind in ("gguf", "embedded"):
-        hf_dir = convert_gguf(model_source.path)
-    timings["convert_s"] = time.perf_counter() - start
-
-    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
-    rule_spec: str | Path | None = rules
-    if rules == "auto":
-        rule_spec = rules_for(config.model_type)
-    model = build_on_meta(config, resolve_dtype(dtype, target_device))
-    model, report = optimize(
-        model,
-        rule_spec,
+    started = time.perf_counter()
+    planned = plan(
+        source,
+        rules=rules,
+        overrides=overrides,
+        device=device,
+        dtype=dtype,
         strict=strict,
         allow_external_operators=allow_external_operators,
-        **(overrides or {}),
     )
-    load_weights(model, hf_dir, resolve_dtype(dtype, target_device), progress=progress)
-    place(model, report, target_device)
-    model.eval()
-    timings["model_s"] = time.perf_counter() - start - timings["convert_s"]
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-    timings["total_s"] = time.perf_counter() - start
+    planned_s = time.perf_counter() - started
+    load_weights(planned.model, planned.hf_dir, planned.dtype, progress=progress)
+    place(planned.model, planned.report, planned.device)
+    planned.model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(planned.hf_dir, local_files_only=True)
+    tokenizer.clean_up_tokenization_spaces = False  # destructive for byte-level BPE
     return LoadedModel(
-        model=model,
+        model=planned.model,
         tokenizer=tokenizer,
-        source=model_source,
-        report=report,
-        rules=str(rule_spec) if rule_spec is not None else None,
-        device=target_device,
-        timings=timings,
+        source=planned.source,
+        report=planned.report,
+        rules=planned.rules,
+        device=planned.device,
+        timings={"plan_s": planned_s, "total_s": time.perf_counter() - started},
     )
 
 
@@ -280,13 +320,14 @@ def load_weights(model: nn.Module, hf_dir: Path, dtype: torch.dtype, *, progress
             f"{hf_dir} has no *.safetensors weights; convert the checkpoint to safetensors."
         )
     state: dict[str, torch.Tensor] = {}
-    with tqdm(desc="Loading weights", unit="tensor", disable=not progress, leave=False) as bar:
-        for file in files:
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    tensor = handle.get_tensor(key)
-                    state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-                    bar.update()
+    handles = [safe_open(file, framework="pt") for file in files]
+    total = sum(len(handle.keys()) for handle in handles)
+    with tqdm(total=total, desc="Loading weights", disable=not progress, leave=False) as bar:
+        for handle in handles:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensor = handle.get_tensor(key)
+                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                bar.update()
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     missing = [name for name, p in model.named_parameters() if p.is_meta]

@@ -30,6 +30,7 @@ RULE_KEYS = ("match", "replace", "recursive")
 MATCH_KEYS = ("name", "class")
 REPLACE_KEYS = ("class", "device", "kwargs")
 VAR_PATTERN = re.compile(r"\$\{([^}]+)\}")
+GENERATE_DEVICE_KEY = "replace.kwargs.generate_device"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class Rule:
     def where(self) -> str:
         line = f", line {self.line}" if self.line is not None else ""
         return f"{self.source} rule {self.index}{line}"
+
+    @property
+    def label(self) -> str:
+        """Short form for tables: file name, index and line."""
+        line = f" (line {self.line})" if self.line is not None else ""
+        return f"{Path(self.source).name} #{self.index}{line}"
 
     def matches(self, name: str, module: torch.nn.Module) -> bool:
         """True when the dotted `name` and the module's class satisfy every match key."""
@@ -119,8 +126,10 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise RuleError(f"--set {text!r} is not of the form key=value (e.g. --set gpu=cuda:1).")
     try:
         parsed = yaml.safe_load(value) if value else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError):  # e.g. `x=!!float abc`
         parsed = value
+    if not isinstance(parsed, str | int | float | bool | list | dict | None):
+        parsed = value  # dates, sets, bytes: omegaconf cannot hold them; keep the text
     return key.strip(), parsed
 
 
@@ -232,9 +241,15 @@ def _collect(
     base_vars: dict[str, Any] = {}
     if base is not None:
         here = Path(source).parent if source != "<rules>" else None
-        _read_chain(
-            find_rule_file(str(base), relative_to=here), raw_rules, base_vars, sources, seen
-        )
+        try:
+            base_path = find_rule_file(str(base), relative_to=here)
+        except RuleError:
+            names = ", ".join(p.name for p in builtin_rule_files())
+            raise RuleError(
+                f"{source}: extends {str(base)!r} names no rule file; give a path relative to "
+                f"this file or one of the shipped files: {names}."
+            ) from None
+        _read_chain(base_path, raw_rules, base_vars, sources, seen)
     variables.update({**base_vars, **own_vars})
 
 
@@ -261,7 +276,7 @@ def _check_keys(mapping: Mapping[str, Any], allowed: Sequence[str], where: str, 
 def _resolve_vars(body: Any, variables: dict[str, Any], where: str) -> Any:
     try:
         node = OmegaConf.create({**variables, "__rule__": body})
-        return OmegaConf.to_container(node, resolve=True)["__rule__"]
+        return OmegaConf.to_container(node["__rule__"], resolve=True)  # only what it uses
     except OmegaConfBaseException as exc:
         names = VAR_PATTERN.findall(yaml.safe_dump(body))
         unknown = [n for n in names if n not in variables]
@@ -270,7 +285,8 @@ def _resolve_vars(body: Any, variables: dict[str, Any], where: str) -> Any:
                 f"{where}: ${{{unknown[0]}}} names no variable; define it under vars: or pass "
                 f"--set {unknown[0]}=VALUE."
             ) from None
-        raise RuleError(f"{where}: cannot resolve variables ({exc}).") from None
+        reason = str(exc).splitlines()[0]  # omegaconf appends full_key/object_type lines
+        raise RuleError(f"{where}: cannot resolve variables ({reason}); check vars:.") from None
 
 
 def _validate(
@@ -320,9 +336,9 @@ def _validate(
         )
     device = None
     if device_value is not None:
-        raw_device = raw.body.get("replace", {}).get("device") or ""
-        via = VAR_PATTERN.findall(str(raw_device))
-        fix = f"--set {via[0]}=cpu" if via else "replace.device"
+        key = "replace.device" if replace.get("device") is not None else GENERATE_DEVICE_KEY
+        via = VAR_PATTERN.findall(str(_raw_device(raw.body, key)))
+        fix = f"--set {via[0]}=cpu" if via else key
         device = check_device(str(device_value), where=where, fix=fix)
 
     replace_class = str(replace["class"])
@@ -348,19 +364,29 @@ def _validate(
     )
 
 
+def _raw_device(body: dict[str, Any], key: str) -> Any:
+    """The device as written in the rule, before `${...}` is resolved ("" if not a plain key)."""
+    replace = body.get("replace")
+    replace = replace if isinstance(replace, dict) else {}
+    if key == "replace.device":
+        return replace.get("device") or ""
+    kwargs = replace.get("kwargs")
+    return (kwargs if isinstance(kwargs, dict) else {}).get("generate_device") or ""
+
+
 def import_operator(path: str, *, where: str, allow_external: bool) -> type[torch.nn.Module]:
     """Import `replace.class`, enforcing the allow-list unless the caller opted out."""
+    module_name, _, class_name = path.rpartition(".")
+    if not module_name:  # checked first: a bare name is a typo, not an external operator
+        raise RuleError(
+            f"{where}: replace.class {path!r} must be a dotted path like "
+            f"'operators.mlp.FusedGatedMLP', or 'default'."
+        )
     if not allow_external and not path.startswith(ALLOWED_OPERATOR_PREFIXES):
         allowed = ", ".join(p.rstrip(".") for p in ALLOWED_OPERATOR_PREFIXES)
         raise RuleError(
             f"{where}: replace.class {path!r} is outside the allowed packages ({allowed}); pass "
             f"--allow-external-operators (allow_external_operators=True) if you trust it."
-        )
-    module_name, _, class_name = path.rpartition(".")
-    if not module_name:
-        raise RuleError(
-            f"{where}: replace.class {path!r} must be a dotted path like "
-            f"'operators.mlp.FusedGatedMLP', or 'default'."
         )
     try:
         module = importlib.import_module(module_name)

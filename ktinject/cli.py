@@ -1,0 +1,325 @@
+"""`ktinject run | chat | serve | inspect | bench` — one entry point.
+
+Every user mistake surfaces as one `error:` line and exit code 2; nothing here prints a traceback
+for a `KtinjectError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from ktinject.errors import KtinjectError
+
+EXIT_USAGE = 2
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every command that loads a model shares."""
+    parser.add_argument(
+        "--rules",
+        default="auto",
+        help="rule file path or shipped name (llama, qwen3-moe, ...); 'auto' picks the model "
+        "family's file, 'none' runs the model unpatched (default: auto)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a rule-file variable, e.g. --set gpu=cuda:1 (repeatable)",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16",
+    )
+    parser.add_argument("--strict", action="store_true", help="fail when a rule matches no module")
+    parser.add_argument(
+        "--allow-external-operators",
+        action="store_true",
+        help="let replace.class import from packages other than operators/ktinject/torch.nn/"
+        "transformers",
+    )
+
+
+def rules_arg(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from ktinject.rules import parse_override
+
+    return {
+        "rules": rules_arg(args.rules),
+        "overrides": dict(parse_override(item) for item in args.overrides),
+        "device": args.device,
+        "dtype": args.dtype,
+        "strict": args.strict,
+        "allow_external_operators": args.allow_external_operators,
+    }
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--system", default=None, help="system message for the chat template")
+    parser.add_argument(
+        "--cache-lens",
+        type=int,
+        default=None,
+        help="KV cache positions per sequence (default: sized per call to prompt + new tokens)",
+    )
+    parser.add_argument("--chunk-size", type=int, default=8192, help="prefill chunk length")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on GPU")
+
+
+def sampling_params(args: argparse.Namespace) -> Any:
+    from ktinject.sampling import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=list(args.stop),
+    )
+
+
+def load_for(args: argparse.Namespace, model: str | None) -> Any:
+    from ktinject.loading import load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unmatched rules are printed from the report below
+        loaded = load(model, **model_kwargs(args))
+    for where in loaded.report.unmatched:
+        print(f"warning: {where} matched no module", file=sys.stderr)
+    return loaded
+
+
+def build_engine(args: argparse.Namespace, loaded: Any) -> Any:
+    from ktinject.engine import Engine
+
+    return Engine(
+        loaded.model,
+        loaded.tokenizer,
+        cache_lens=args.cache_lens,
+        chunk_size=args.chunk_size,
+        cuda_graph=not args.no_cuda_graph,
+    )
+
+
+def status_line(stats: Any, cache: tuple[int, int | None] | None = None) -> str:
+    parts = [
+        f"prompt {stats.prompt_tokens:,} tok",
+        f"prefilled {stats.prompt_tokens - stats.cached_tokens:,}",
+        f"generated {stats.generated_tokens:,} tok",
+        f"prefill {stats.prefill_tok_s:,.1f} tok/s",
+        f"decode {stats.decode_tok_s:,.1f} tok/s",
+    ]
+    if cache is not None and cache[1] is not None:
+        parts.append(f"cache {cache[0]:,}/{cache[1]:,}")
+    return "[" + " · ".join(parts) + "]"
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ktinject.chat import chat_prompt_ids
+
+    if len(args.words) > 2:
+        raise KtinjectError(
+            f"run takes [MODEL] PROMPT, got {len(args.words)} arguments; quote the prompt."
+        )
+    model, prompt = (
+        (args.words[0], args.words[1]) if len(args.words) == 2 else (None, args.words[0])
+    )
+    loaded = load_for(args, model)
+    engine = build_engine(args, loaded)
+    tokenizer = loaded.tokenizer
+    if args.raw or not getattr(tokenizer, "chat_template", None):
+        ids = tokenizer(prompt)["input_ids"]
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        ids = chat_prompt_ids(tokenizer, [*messages, {"role": "user", "content": prompt}])
+    generation = engine.generate(ids, sampling_params(args))
+    for piece in generation:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(status_line(generation.stats), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ktinject.chat import ChatSession
+    from ktinject.errors import ContextLengthError
+
+    loaded = load_for(args, args.model)
+    session = ChatSession(build_engine(args, loaded), sampling_params(args), system=args.system)
+    mode = f"cache {args.cache_lens:,} positions" if args.cache_lens else "local mode"
+    print(f"ktinject chat ({loaded.source.label}, {mode}); /reset to start over, /exit to quit.")
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("(conversation reset)")
+            continue
+        try:
+            for piece in session.turn(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ContextLengthError as exc:
+            print(f"error: {exc} Type /reset to start a new conversation.")
+            continue
+        print()
+        print(status_line(session.last.stats, session.cache_usage()))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ktinject.loading import plan
+    from ktinject.rules import builtin_rule_files
+
+    kwargs = model_kwargs(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        planned = plan(args.model, **kwargs)
+    console = Console(width=max(Console().width, 140))
+    report = planned.report
+    model_type = planned.model.config.model_type
+    console.print(f"model: {planned.source.label} ({model_type}), rules: {planned.rules or 'none'}")
+    table = Table("module", "rule", "original", "operator", "device")
+    for name, rule, original, operator, device in report.rows():
+        table.add_row(
+            name, rule, original, operator, device if device != "-" else str(planned.device)
+        )
+    console.print(table)
+    console.print(f"{len(report.replacements)} module(s) replaced or placed.")
+    for note in report.notes:
+        console.print(f"note: {note}")
+    for where in report.unmatched:
+        console.print(f"[yellow]warning:[/] {where} matched no module")
+    if planned.rules is None:
+        names = [p.stem for p in builtin_rule_files()]
+        close = difflib.get_close_matches(model_type.replace("_", "-"), names, n=1, cutoff=0.3)
+        hint = f"closest shipped file: {close[0]}.yaml" if close else f"shipped: {', '.join(names)}"
+        console.print(f"No rule file applies to {model_type!r}; the model runs unpatched ({hint}).")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ktinject.server import run_serve
+
+    return run_serve(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ktinject.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ktinject", description="Run Hugging Face causal LMs with injected fast operators."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="generate a completion for one prompt")
+    run.add_argument("words", nargs="+", metavar="[MODEL] PROMPT")
+    run.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_model_arguments(run)
+    add_generation_arguments(run)
+    run.set_defaults(handler=cmd_run)
+
+    chat = commands.add_parser("chat", help="interactive chat in the terminal")
+    chat.add_argument("model", nargs="?", default=None)
+    add_model_arguments(chat)
+    add_generation_arguments(chat)
+    chat.set_defaults(handler=cmd_chat)
+
+    inspect = commands.add_parser("inspect", help="show which module each rule replaces")
+    inspect.add_argument("model", nargs="?", default=None)
+    add_model_arguments(inspect)
+    inspect.set_defaults(handler=cmd_inspect)
+
+    _add_lazy(
+        commands,
+        "serve",
+        "OpenAI-compatible HTTP server",
+        "ktinject.server",
+        "add_serve_arguments",
+        cmd_serve,
+    )
+    _add_lazy(
+        commands,
+        "bench",
+        "benchmark against Hugging Face generate",
+        "ktinject.bench",
+        "add_bench_arguments",
+        cmd_bench,
+    )
+    return parser
+
+
+def _add_lazy(
+    commands: Any,
+    name: str,
+    help_text: str,
+    module: str,
+    adder: str,
+    handler: Callable[[argparse.Namespace], int],
+) -> None:
+    """Sub-commands whose flags live with their implementation (server, bench)."""
+    import importlib
+
+    sub = commands.add_parser(name, help=help_text)
+    getattr(importlib.import_module(module), adder)(sub)
+    sub.set_defaults(handler=handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.handler(args)
+    except KtinjectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """transformers' advisory warnings are noise on a CLI; errors still surface."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

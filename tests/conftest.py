@@ -1,0 +1,40 @@
+"""Shared test set-up.
+
+Triton decides between compiling and interpreting when a kernel is decorated (when its module is
+imported), so on a machine without CUDA we switch the interpreter on here, before any test module
+imports a kernel. `import torch` does not import triton, so asking torch about CUDA first is safe.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_models.py
+
+import pytest  # noqa: E402
+
+GPU = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip (visibly) on machines without CUDA."""
+    for item in items:
+        if "gpu" in item.keywords and not GPU:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct with its shipped rules (llama.yaml), loaded once.
+
+    The first load in a fresh environment converts the GGUF (~20-40 s); later ones read the cache.
+    """
+    from ktinject.loading import load
+
+    return load(None, progress=False)

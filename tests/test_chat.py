@@ -1,0 +1,97 @@
+"""`ktinject chat`: with --cache-lens, turns 2 and 3 prefill only their new tokens and answer
+exactly as local mode (which re-prefills the whole conversation every turn); a conversation that
+outgrows the cache gets one sentence and keeps working after /reset."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ktinject.chat import ChatSession, chat_prompt_ids
+from ktinject.engine import Engine
+from ktinject.errors import ContextLengthError
+from ktinject.sampling import SamplingParams
+
+TURNS = ["Hi! Who are you?", "What is 2 + 2?", "Name a color."]
+PARAMS = SamplingParams(max_new_tokens=24)
+
+
+def run_turns(session: ChatSession, turns: list[str]) -> list[tuple[str, int, int]]:
+    """(answer, prompt tokens, prefilled tokens) per turn."""
+    results = []
+    for text in turns:
+        for _ in session.turn(text):
+            pass
+        stats = session.last.stats
+        results.append((session.last.answer, stats.prompt_tokens, session.last.prefilled_tokens))
+    return results
+
+
+@pytest.mark.slow
+def test_cached_chat_prefills_only_new_turns_and_matches_local_mode(smollm2) -> None:
+    local = run_turns(ChatSession(Engine(smollm2.model, smollm2.tokenizer), PARAMS), TURNS)
+    cached_engine = Engine(smollm2.model, smollm2.tokenizer, cache_lens=2048)
+    cached = run_turns(ChatSession(cached_engine, PARAMS), TURNS)
+    assert [a for a, _, _ in cached] == [a for a, _, _ in local]
+    assert all(prefilled == prompt for _, prompt, prefilled in local)
+    assert cached[0][2] == cached[0][1]
+    for turn in (1, 2):
+        _, prompt, prefilled = cached[turn]
+        new_turn_tokens = (
+            prompt
+            - cached[turn - 1][1]
+            - len(smollm2.tokenizer(cached[turn - 1][0], add_special_tokens=False)["input_ids"])
+        )
+        assert prefilled < prompt // 2, "history was prefilled again"
+        assert prefilled <= new_turn_tokens + 4  # the new turn plus template glue
+
+
+@pytest.mark.slow
+def test_outgrowing_the_cache_is_one_sentence_and_reset_recovers(smollm2) -> None:
+    prompt_len = len(chat_prompt_ids(smollm2.tokenizer, [{"role": "user", "content": TURNS[0]}]))
+    engine = Engine(smollm2.model, smollm2.tokenizer, cache_lens=prompt_len + 40)
+    session = ChatSession(engine, PARAMS)
+    run_turns(session, TURNS[:1])
+    with pytest.raises(ContextLengthError, match="--cache-lens"):
+        run_turns(session, TURNS[1:2])
+    assert len(session.messages) == 2  # the refused turn left the conversation as it was
+    session.reset()
+    assert run_turns(session, TURNS[1:2])[0][0]
+
+
+def chat_cli(stdin: str, *flags: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "ktinject", "chat", "--max-new-tokens", "24", *flags],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_chat_cli_three_turns_with_cache_match_local_mode() -> None:
+    script = "\n".join([*TURNS, "/exit"]) + "\n"
+    local = chat_cli(script)
+    cached = chat_cli(script, "--cache-lens", "2048")
+    status = re.compile(r"\[prompt ([\d,]+) tok · prefilled ([\d,]+) .*cache ([\d,]+)/2,048\]")
+    counts = [tuple(int(x.replace(",", "")) for x in m) for m in status.findall(cached)]
+    assert len(counts) == 3
+    assert counts[1][1] < counts[1][0] // 2 and counts[2][1] < counts[2][0] // 2
+    strip = re.compile(r"\[prompt .*\]\n|\(.*mode.*\)|cache [\d,]+ positions")
+    assert strip.sub("", local).split("> ")[1:] == strip.sub("", cached).split("> ")[1:]
+
+
+@pytest.mark.slow
+def test_chat_cli_overflow_then_reset_keeps_working() -> None:
+    script = "\n".join([TURNS[0], TURNS[1], "/reset", TURNS[1], "/exit"]) + "\n"
+    out = chat_cli(script, "--cache-lens", "80")
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--cache-lens" in errors[0] and "/reset" in errors[0]
+    assert "(conversation reset)" in out
+    assert out.count("[prompt") == 2

@@ -1,0 +1,199 @@
+"""Engine behaviour: context checks before compute, cache sizing and reuse, sampling, stopping,
+streaming text."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import tiny_model
+
+from ktinject import optimize
+from ktinject.cache import local_cache_lens
+from ktinject.detokenize import StreamDecoder
+from ktinject.engine import Engine
+from ktinject.errors import ContextLengthError, KtinjectError
+from ktinject.sampling import SamplingParams, sample
+from ktinject.stopping import StopMatcher
+
+PROMPT = [1, 5, 9, 13, 17, 3, 7, 11]
+
+
+@pytest.fixture(scope="module")
+def patched() -> torch.nn.Module:
+    model, _ = optimize(tiny_model("llama"), "llama", strict=True)
+    return model
+
+
+def greedy(engine: Engine, prompt: list[int], n: int = 16, **kwargs) -> list[int]:
+    generation = engine.generate(prompt, SamplingParams(max_new_tokens=n), **kwargs)
+    generation.result()
+    return generation.token_ids
+
+
+def test_prompt_longer_than_cache_is_refused_before_compute(patched) -> None:
+    engine = Engine(patched, cache_lens=8)
+    with pytest.raises(ContextLengthError) as caught:
+        engine.generate(list(range(1, 10)), SamplingParams(max_new_tokens=4))
+    message = str(caught.value)
+    assert "9 tokens" in message and "8 positions" in message and "--cache-lens" in message
+    assert engine.cached_length(0) == 0
+
+
+def test_prompt_plus_new_tokens_over_cache_names_both_flags(patched) -> None:
+    engine = Engine(patched, cache_lens=16)
+    with pytest.raises(ContextLengthError) as caught:
+        engine.generate(PROMPT, SamplingParams(max_new_tokens=9))
+    message = str(caught.value)
+    assert "8 tokens" in message and "9 new tokens" in message and "17 in all" in message
+    assert "--max-new-tokens" in message and "at most 8" in message
+    assert greedy(engine, PROMPT, 8)  # exactly fits: works
+
+
+def test_dynamic_cache_model_is_bounded_by_its_context_window() -> None:
+    engine = Engine(tiny_model("llama", max_position_embeddings=12))
+    with pytest.raises(ContextLengthError, match="context window is 12 positions"):
+        engine.generate(PROMPT, SamplingParams(max_new_tokens=5))
+
+
+def test_local_mode_sizes_cache_in_pages(patched) -> None:
+    engine = Engine(patched)
+    greedy(engine, PROMPT, 4)
+    assert engine.cache_lens == 256
+    assert local_cache_lens(300, 10) == 512
+    assert local_cache_lens(1, 1) == 256
+
+
+def test_local_cache_grows_without_losing_state(patched) -> None:
+    engine = Engine(patched)
+    engine.prefill(0, PROMPT)
+    kept = engine.cache.kv[0][0][0, :, : len(PROMPT)].clone()
+    engine.reserve(len(PROMPT), 300)
+    assert engine.cache_lens == 512
+    torch.testing.assert_close(engine.cache.kv[0][0][0, :, : len(PROMPT)], kept)
+    assert engine.cached_tokens(0) == PROMPT
+
+
+def test_history_reuse_prefills_only_the_suffix_and_gives_the_same_tokens(patched) -> None:
+    fresh = greedy(Engine(patched, cache_lens=64), PROMPT + [2, 4, 6], 8)
+    engine = Engine(patched, cache_lens=64)
+    greedy(engine, PROMPT, 8)
+    generation = engine.generate(PROMPT + [2, 4, 6], SamplingParams(max_new_tokens=8), reuse=True)
+    generation.result()
+    assert generation.stats.cached_tokens == len(PROMPT)
+    assert generation.token_ids == fresh
+
+
+def test_reuse_of_identical_prompt_recomputes_at_least_one_token(patched) -> None:
+    engine = Engine(patched, cache_lens=64)
+    first = greedy(engine, PROMPT, 4)
+    generation = engine.generate(PROMPT, SamplingParams(max_new_tokens=4), reuse=True)
+    generation.result()
+    assert generation.stats.cached_tokens == len(PROMPT) - 1
+    assert generation.token_ids == first
+
+
+def test_two_slots_decode_together_like_one_at_a_time(patched) -> None:
+    other = [2, 4, 6, 8, 10]
+    expected = [greedy(Engine(patched), p, 6) for p in (PROMPT, other)]
+    engine = Engine(patched, cache_lens=64, num_slots=2)
+    logits = [engine.prefill(0, PROMPT)[0], engine.prefill(1, other)[0]]
+    tokens = [[int(logit.argmax())] for logit in logits]
+    for _ in range(5):
+        step = engine.decode([0, 1], [tokens[0][-1], tokens[1][-1]])
+        for row in range(2):
+            tokens[row].append(int(step[row].argmax()))
+    assert tokens == expected
+
+
+def test_max_new_tokens_finishes_with_length(patched) -> None:
+    generation = Engine(patched).generate(PROMPT, SamplingParams(max_new_tokens=3))
+    generation.result()
+    assert len(generation.token_ids) == 3
+    assert generation.stats.finish_reason == "length"
+
+
+def test_eos_finishes_with_stop_and_is_not_emitted() -> None:
+    model = tiny_model("llama")
+    first = greedy(Engine(model), PROMPT, 3)
+    model.generation_config.eos_token_id = first[2]
+    generation = Engine(model).generate(PROMPT, SamplingParams(max_new_tokens=10))
+    generation.result()
+    assert generation.token_ids == first[:2]
+    assert generation.stats.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(patched) -> None:
+    params = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    runs = []
+    for _ in range(2):
+        generation = Engine(patched).generate(PROMPT, params)
+        generation.result()
+        runs.append(generation.token_ids)
+    assert runs[0] == runs[1]
+
+
+def test_top_k_one_is_greedy() -> None:
+    logits = torch.randn(4, 100)
+    params = SamplingParams(temperature=1.0, top_k=1)
+    assert torch.equal(sample(logits, params), logits.argmax(-1))
+
+
+def test_tiny_top_p_keeps_only_the_best_token() -> None:
+    logits = torch.randn(4, 100)
+    params = SamplingParams(temperature=1.0, top_p=1e-6)
+    assert torch.equal(sample(logits, params), logits.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -1)],
+)
+def test_bad_sampling_params_name_the_value(field: str, value: float) -> None:
+    with pytest.raises(KtinjectError, match=field):
+        SamplingParams(**{field: value})
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    text=st.text(alphabet="ab\n<>", max_size=30),
+    stop=st.text(alphabet="ab\n<>", min_size=1, max_size=4),
+    cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=6),
+)
+def test_stop_matcher_emits_exactly_the_text_before_the_stop(text, stop, cuts) -> None:
+    matcher = StopMatcher([stop])
+    bounds = sorted({0, len(text), *[min(c, len(text)) for c in cuts]})
+    out = ""
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        piece, stopped = matcher.feed(text[a:b])
+        out += piece
+        if stopped:
+            break
+    out += matcher.flush()
+    expected = text[: text.find(stop)] if stop in text else text
+    assert out == expected
+
+
+def test_stream_decoder_never_splits_multibyte_characters(smollm2) -> None:
+    tokenizer = smollm2.tokenizer
+    text = "naïve café — 東京 🙂 done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_engine_rejects_bad_sizes(patched) -> None:
+    with pytest.raises(KtinjectError, match="chunk_size"):
+        Engine(patched, chunk_size=0)
+    with pytest.raises(KtinjectError, match="cache_lens"):
+        Engine(patched, cache_lens=1)
+
+
+def test_empty_prompt_is_refused(patched) -> None:
+    with pytest.raises(KtinjectError, match="empty"):
+        Engine(copy.deepcopy(patched)).prefill(0, [])

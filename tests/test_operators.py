@@ -1,0 +1,70 @@
+"""Each operator against the module it replaces: same inputs, outputs within fp32 tolerance.
+
+Tolerances: fp32 atol 1e-5 (operators reorder nothing but fuse matmuls); bf16 2e-2 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from operators.attention import StaticCacheAttention
+from operators.mlp import FusedGatedMLP
+from operators.norm import RMSNorm
+
+
+def build(cls, module: torch.nn.Module, model: torch.nn.Module, name: str) -> torch.nn.Module:
+    return cls.from_module(module, name=name, config=model.config, device=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_hf(dtype: torch.dtype) -> None:
+    model = tiny_model("llama", dtype=dtype)
+    original = model.model.layers[0].input_layernorm
+    operator = build(RMSNorm, original, model, "model.layers.0.input_layernorm")
+    x = torch.randn(2, 5, model.config.hidden_size, dtype=dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(operator(x), original(x), **tol)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "deepseek_v3"])
+def test_fused_mlp_matches_hf(arch: str) -> None:
+    model = tiny_model(arch)
+    original = model.model.layers[0].mlp
+    operator = build(FusedGatedMLP, original, model, "model.layers.0.mlp")
+    x = torch.randn(2, 5, model.config.hidden_size)
+    torch.testing.assert_close(operator(x), original(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_mlp_loads_original_state_dict_keys() -> None:
+    model = tiny_model("llama")
+    original = model.model.layers[0].mlp
+    state = {k: v.clone() for k, v in original.state_dict().items()}
+    operator = build(FusedGatedMLP, tiny_model("llama", seed=1).model.layers[0].mlp, model, "mlp")
+    operator.load_state_dict(state)
+    x = torch.randn(1, 3, model.config.hidden_size)
+    torch.testing.assert_close(operator(x), original(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe"])
+def test_static_attention_matches_hf_outside_engine(arch: str) -> None:
+    """Outside an engine context the operator is the HF module (HF cache and mask)."""
+    model = tiny_model(arch)
+    original = model.model.layers[0].self_attn
+    operator = build(StaticCacheAttention, original, model, "model.layers.0.self_attn")
+    hidden = torch.randn(1, 6, model.config.hidden_size)
+    positions = torch.arange(6)[None]
+    rope = model.model.rotary_emb(hidden, positions)
+    expected, _ = original(hidden, position_embeddings=rope, attention_mask=None)
+    actual, _ = operator(hidden, position_embeddings=rope, attention_mask=None)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_static_attention_rejects_sliding_window() -> None:
+    from ktinject.errors import RuleError
+
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    attention = model.model.layers[1].self_attn
+    with pytest.raises(RuleError, match="sliding window of 8 tokens"):
+        build(StaticCacheAttention, attention, model, "model.layers.1.self_attn")
