@@ -180,17 +180,8 @@ class StaticCacheAttention(Operator):
         k_cache[slot, :, start:end] = k[0]
         v_cache[slot, :, start:end] = v[0]
         keys, values = k_cache[slot, :, :end][None], v_cache[slot, :, :end][None]
-        mask = None
-        if start > 0:
-            mask = torch.ones(length, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(
-            q,
-            keys,
-            values,
-            attn_mask=mask,
-            is_causal=mask is None and length > 1,
-            scale=self.scaling,
-            enable_gqa=self.num_key_value_groups > 1,
+        out = chunk_attention(
+            q, keys, values, start, self.scaling, enable_gqa=self.num_key_value_groups > 1
         )
         return out.transpose(1, 2)
 
@@ -216,6 +207,32 @@ class StaticCacheAttention(Operator):
                 q[:, :, 0], k_cache, v_cache, rows, context.seq_lens, self.scaling
             )
         return out[:, None]
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    scale: float,
+    *,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """SDPA of a prefill chunk whose T queries sit at positions [start, start+T) over keys at
+    [0, start+T): query i sees keys <= start+i, so any chunking gives the same result."""
+    length, end = q.shape[2], keys.shape[2]
+    mask = None
+    if start > 0:
+        mask = torch.ones(length, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(
+        q,
+        keys,
+        values,
+        attn_mask=mask,
+        is_causal=mask is None and length > 1,
+        scale=scale,
+        enable_gqa=enable_gqa,
+    )
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
