@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -87,9 +87,10 @@ class AttentionContext:
     """Where the tokens of the current forward go.
 
     Rows are sequences, `positions` [B, T] the cache positions of the new tokens (also their RoPE
-    positions), `seq_lens` [B] each row's valid length once they are written. `prefill_start` is
-    set (host int) for a single-sequence prefill chunk; `max_len` is a host upper bound on
-    `seq_lens` when one is known (eager decode), None inside a CUDA graph.
+    positions), `seq_lens` [B] each row's valid length once they are written. For a
+    single-sequence prefill chunk `prefill_start` and `prefill_slot` repeat the first position and
+    the slot as host ints (so operators slice without a device sync); `max_len` is a host upper
+    bound on `seq_lens` when one is known (eager decode), None inside a CUDA graph.
     """
 
     cache: StaticKVCache
@@ -97,8 +98,8 @@ class AttentionContext:
     positions: torch.Tensor
     seq_lens: torch.Tensor
     prefill_start: int | None = None
+    prefill_slot: int = 0
     max_len: int | None = None
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 _CURRENT: list[AttentionContext] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import sys
 import warnings
 from collections.abc import Callable
@@ -243,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ktinject", description="Run Hugging Face causal LMs with injected fast operators."
     )
@@ -267,43 +268,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(inspect)
     inspect.set_defaults(handler=cmd_inspect)
 
-    _add_lazy(
-        commands,
-        "serve",
-        "OpenAI-compatible HTTP server",
-        "ktinject.server",
-        "add_serve_arguments",
-        cmd_serve,
+    chosen = next(
+        (a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None
     )
-    _add_lazy(
-        commands,
+    for name, help_text, module, adder, handler in LAZY_COMMANDS:
+        sub = commands.add_parser(name, help=help_text)
+        sub.set_defaults(handler=handler)
+        if name == chosen:  # import the server / bench stack only when it is used
+            getattr(importlib.import_module(module), adder)(sub)
+    return parser
+
+
+LAZY_COMMANDS: list[tuple[str, str, str, str, Callable[[argparse.Namespace], int]]] = [
+    ("serve", "OpenAI-compatible HTTP server", "ktinject.server", "add_serve_arguments", cmd_serve),
+    (
         "bench",
         "benchmark against Hugging Face generate",
         "ktinject.bench",
         "add_bench_arguments",
         cmd_bench,
-    )
-    return parser
-
-
-def _add_lazy(
-    commands: Any,
-    name: str,
-    help_text: str,
-    module: str,
-    adder: str,
-    handler: Callable[[argparse.Namespace], int],
-) -> None:
-    """Sub-commands whose flags live with their implementation (server, bench)."""
-    import importlib
-
-    sub = commands.add_parser(name, help=help_text)
-    getattr(importlib.import_module(module), adder)(sub)
-    sub.set_defaults(handler=handler)
+    ),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     _quiet_libraries()
     try:
         return args.handler(args)

@@ -339,6 +339,7 @@ class Engine:
             positions=positions,
             seq_lens=seq_lens,
             prefill_start=starts[0] if prefill else None,
+            prefill_slot=slots[0],
             max_len=max(starts) + (len(token_ids) if prefill else 1),
         )
         with use_context(context):

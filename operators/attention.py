@@ -175,7 +175,7 @@ class StaticCacheAttention(Operator):
         """One chunk of one sequence: write K/V at [start, start+T), attend causally over
         [0, start+T). The mask is offset by `start`, so any chunking gives the same result."""
         k_cache, v_cache = context.cache.kv[self.layer_idx]
-        slot, start, length = int(context.slots[0]), context.prefill_start, q.shape[2]
+        slot, start, length = context.prefill_slot, context.prefill_start, q.shape[2]
         end = start + length
         k_cache[slot, :, start:end] = k[0]
         v_cache[slot, :, start:end] = v[0]

@@ -235,7 +235,7 @@ class StaticCacheMLA(Operator):
         """One chunk of one sequence: write latent/k_pe at [start, start+T), expand K/V for
         [0, start+T) and attend causally with the mask offset by `start`."""
         latent_cache, rope_cache = context.cache.kv[self.layer_idx]
-        slot, start, length = int(context.slots[0]), context.prefill_start, q_nope.shape[2]
+        slot, start, length = context.prefill_slot, context.prefill_start, q_nope.shape[2]
         end = start + length
         latent_cache[slot, :, start:end] = latent[0]
         rope_cache[slot, :, start:end] = k_pe[0]
