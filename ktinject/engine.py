@@ -378,12 +378,14 @@ class _DecodeGraph:
             cache=cache, slots=self.slots, positions=self.positions, seq_lens=self.seq_lens
         )
         model = engine.model
+        mask = placeholder_mask(self.ids)
 
         def step() -> torch.Tensor:
             with use_context(context):
                 out = model(
                     input_ids=self.ids,
                     position_ids=self.positions,
+                    attention_mask=mask,
                     use_cache=False,
                     logits_to_keep=1,
                 )
@@ -408,6 +410,13 @@ class _DecodeGraph:
         self.seq_lens.copy_(staged[2] + 1)
         self.graph.replay()
         return self.logits
+
+
+def placeholder_mask(ids: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask makes Hugging Face return it as-is instead of building its own: that build scans
+    position ids with a host sync (fatal inside CUDA-graph capture) and sizes masks by the whole
+    context. Our attention operators take positions and lengths from the context instead."""
+    return torch.ones((ids.shape[0], 1, ids.shape[1], 1), dtype=torch.bool, device=ids.device)
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:

@@ -101,18 +101,26 @@ def _visit(
     config: Any,
     report: InjectionReport,
     used: set[int],
+    acted_on: set[int] | None = None,
 ) -> None:
+    """Replace matching children of `parent`, depth first. `acted_on` holds the modules a rule
+    already handled, so an operator that keeps its original module as a child is not matched
+    (and wrapped) again by the same rule when recursing."""
+    acted_on = set() if acted_on is None else acted_on
     for child_name, child in list(parent.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
+        if id(child) in acted_on:
+            continue
         hits = [i for i, r in enumerate(rules) if r.matches(name, child)]
         # A rule shadowed by an earlier one (e.g. the base rule an `extends` file overrides) did
         # match: only rules that match no visited module are reported as unmatched.
         used.update(hits)
         if not hits:
-            _visit(child, name, rules, config, report, used)
+            _visit(child, name, rules, config, report, used, acted_on)
             continue
         rule = rules[hits[0]]
         new = _build(rule, child, name, config)
+        acted_on.update((id(child), id(new)))
         if new is not child:
             setattr(parent, child_name, new)
         report.replacements.append(
@@ -126,7 +134,7 @@ def _visit(
             )
         )
         if rule.recursive:
-            _visit(new, name, rules, config, report, used)
+            _visit(new, name, rules, config, report, used, acted_on)
 
 
 def _build(rule: Rule, module: nn.Module, name: str, config: Any) -> nn.Module:
@@ -144,7 +152,7 @@ def _build(rule: Rule, module: nn.Module, name: str, config: Any) -> nn.Module:
                 new = rule.operator(**rule.kwargs)
         except KtinjectError as exc:
             raise RuleError(f"{rule.where}: cannot replace {name}: {exc}") from None
-        except (TypeError, ValueError, AttributeError) as exc:
+        except (TypeError, ValueError, AttributeError, KeyError, RuntimeError) as exc:
             raise RuleError(
                 f"{rule.where}: {rule.replace_class} cannot be built from {name} "
                 f"({type(module).__name__}): {exc}; check replace.class and replace.kwargs."

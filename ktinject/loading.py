@@ -127,7 +127,8 @@ def check_gguf_supported(gguf: Path) -> str:
     arch = gguf_architecture(gguf)
     candidates = {arch, arch.replace("-", "_"), arch.replace("moe", "_moe")}
     if not candidates & set(GGUF_SUPPORTED_ARCHITECTURES):
-        supported = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general",))
+        not_architectures = ("general", "tokenizer")
+        supported = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in not_architectures)
         raise ModelSourceError(
             f"{gguf.name} has GGUF architecture {arch!r}, which transformers cannot load "
             f"(supported: {supported}); use a supported model or a Hugging Face directory."
@@ -276,11 +277,18 @@ def load(
         allow_external_operators=allow_external_operators,
     )
     planned_s = time.perf_counter() - started
+    try:  # before the weights: a directory without a tokenizer fails fast
+        tokenizer = AutoTokenizer.from_pretrained(planned.hf_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSourceError(
+            f"{planned.hf_dir} has no usable tokenizer ({first_line}); add tokenizer.json / "
+            f"tokenizer_config.json to the directory."
+        ) from None
+    tokenizer.clean_up_tokenization_spaces = False  # destructive for byte-level BPE
     load_weights(planned.model, planned.hf_dir, planned.dtype, progress=progress)
     place(planned.model, planned.report, planned.device)
     planned.model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(planned.hf_dir, local_files_only=True)
-    tokenizer.clean_up_tokenization_spaces = False  # destructive for byte-level BPE
     return LoadedModel(
         model=planned.model,
         tokenizer=tokenizer,

@@ -25,7 +25,7 @@ requires_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` skip (visibly) on machines without CUDA."""
     for item in items:
-        if "gpu" in item.keywords and not GPU:
+        if item.get_closest_marker("gpu") is not None and not GPU:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
