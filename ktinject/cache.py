@@ -15,6 +15,7 @@ context they fall back to Hugging Face's own cache, so `optimize()`d models stil
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -102,18 +103,26 @@ class AttentionContext:
     max_len: int | None = None
 
 
-_CURRENT: list[AttentionContext] = []
+_LOCAL = threading.local()  # one stack per thread: two engines on two threads never mix
+
+
+def _stack() -> list[AttentionContext]:
+    if not hasattr(_LOCAL, "stack"):
+        _LOCAL.stack = []
+    return _LOCAL.stack
 
 
 def current_context() -> AttentionContext | None:
-    return _CURRENT[-1] if _CURRENT else None
+    stack = _stack()
+    return stack[-1] if stack else None
 
 
 @contextlib.contextmanager
 def use_context(context: AttentionContext) -> Iterator[AttentionContext]:
     """Make `context` visible to attention operators for the duration of one forward."""
-    _CURRENT.append(context)
+    stack = _stack()
+    stack.append(context)
     try:
         yield context
     finally:
-        _CURRENT.pop()
+        stack.pop()

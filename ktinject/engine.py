@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from ktinject.cache import AttentionContext, StaticKVCache, local_cache_lens, use_context
-from ktinject.detokenize import StreamDecoder
+from ktinject.completion import Completion
 from ktinject.errors import ContextLengthError, KtinjectError
-from ktinject.sampling import SamplingParams, make_generator, sample
-from ktinject.stopping import StopMatcher
+from ktinject.sampling import SamplingParams
 
 DEFAULT_CHUNK_SIZE = 8192
 
@@ -180,7 +179,7 @@ class Engine:
         if not token_ids:
             raise KtinjectError("The prompt is empty; give at least one token.")
         self.reserve(len(token_ids), 1)
-        cached = self._shared_prefix(slot, token_ids) if reuse else 0
+        cached = self.shared_prefix(slot, token_ids) if reuse else 0
         cached = min(cached, len(token_ids) - 1)
         self._truncate(slot, cached)
         logits = None
@@ -240,47 +239,36 @@ class Engine:
         generation: Generation,
     ) -> Iterator[str]:
         stats = generation.stats
-        generator = make_generator(params, self.device)
-        decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-        stopper = StopMatcher(params.stop)
+        completion = Completion(
+            params, tokenizer=self.tokenizer, eos_ids=self.eos_ids, device=self.device
+        )
+        generation.token_ids = completion.token_ids
         started = time.perf_counter()
         logits, stats.cached_tokens = self.prefill(slot, prompt_ids, reuse=reuse)
-        token = int(sample(logits[None], params, generator)[0])
+        token = completion.sample(logits)
         stats.prefill_s = time.perf_counter() - started
         decode_started = time.perf_counter()
         while True:
-            if token in self.eos_ids and not params.ignore_eos:
-                stats.finish_reason = "stop"
+            text = completion.accept(token)
+            stats.generated_tokens = len(completion.token_ids)
+            if text:
+                yield text
+            if completion.finish_reason is not None:
                 break
-            generation.token_ids.append(token)
-            stats.generated_tokens += 1
-            piece, stopped = stopper.feed(decoder.push(token) if decoder else "")
-            if piece:
-                yield piece
-            if stopped:
-                stats.finish_reason = "stop"
-                break
-            if stats.generated_tokens >= params.max_new_tokens:
-                stats.finish_reason = "length"
-                break
-            logits = self.decode([slot], [token])
-            token = int(sample(logits, params, generator)[0])
+            token = completion.sample(self.decode([slot], [token])[0])
         stats.decode_s = time.perf_counter() - decode_started
-        if stats.finish_reason == "length" or not stopper.stopped:
-            tail, _ = stopper.feed(decoder.flush() if decoder else "")
-            tail += stopper.flush()
-            if tail:
-                yield tail
+        stats.finish_reason = completion.finish_reason
 
-    # -- internals ------------------------------------------------------------------------------
-
-    def _shared_prefix(self, slot: int, token_ids: list[int]) -> int:
+    def shared_prefix(self, slot: int, token_ids: list[int]) -> int:
+        """How many leading `token_ids` the slot already holds."""
         cached = self.cached_tokens(slot)
         limit = min(len(cached), len(token_ids))
         n = 0
         while n < limit and cached[n] == token_ids[n]:
             n += 1
         return n
+
+    # -- internals ------------------------------------------------------------------------------
 
     def _truncate(self, slot: int, length: int) -> None:
         if self.cache is not None:

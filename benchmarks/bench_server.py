@@ -1,0 +1,216 @@
+"""Benchmark the OpenAI-compatible server in-process, through the `openai` client.
+
+(a) Time to first token of turn N of a conversation with a long history (`--history-tokens`),
+    with history reuse vs `--no-prefix-reuse` (target: >= 10x faster with reuse).
+(b) Aggregate decode throughput of `--streams` concurrent streams vs one stream
+    (target on GPU: >= 4x).
+
+Both sides of each ratio run in the same process on the same engine. Prints a table and writes
+JSON (`--out`). On CPU use small sizes, e.g. `--history-tokens 1000 --stream-tokens 32`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from ktinject.chat import chat_prompt_ids
+from ktinject.engine import Engine
+from ktinject.loading import load
+from ktinject.server.app import create_app
+from ktinject.server.background import BackgroundServer
+from ktinject.server.config import ServeConfig
+
+WORDS = (
+    "the model reads a long history of messages and answers each question with care while the "
+    "cache keeps every token it has already seen so that the next turn starts almost at once"
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=None, help="default: embedded SmolLM2")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--history-tokens", type=int, default=4000)
+    parser.add_argument("--answer-tokens", type=int, default=16, help="new tokens per turn")
+    parser.add_argument("--repeats", type=int, default=3, help="turns measured per setting")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--stream-tokens", type=int, default=256, help="tokens per stream")
+    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--no-cuda-graph", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/server.json"))
+    return parser.parse_args(argv)
+
+
+def history(tokenizer: Any, target_tokens: int) -> list[dict[str, str]]:
+    """User/assistant turns of filler text whose templated length just reaches the target."""
+    rng = random.Random(0)
+    messages: list[dict[str, str]] = []
+    while len(chat_prompt_ids(tokenizer, messages or [{"role": "user", "content": ""}])) < (
+        target_tokens
+    ):
+        for role in ("user", "assistant"):
+            text = " ".join(rng.choice(WORDS.split()) for _ in range(60))
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def first_token_time(client: openai.OpenAI, messages: list[dict[str, str]], tokens: int) -> dict:
+    """Stream one turn; seconds to the first chunk (sent once the first token is sampled)."""
+    started = time.perf_counter()
+    stream = client.chat.completions.create(
+        model="m",
+        messages=messages,
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    ttft, text, usage = None, [], None
+    for chunk in stream:
+        ttft = ttft if ttft is not None else time.perf_counter() - started
+        if chunk.choices:
+            text.append(chunk.choices[0].delta.content or "")
+        usage = chunk.usage or usage
+    return {
+        "ttft_s": ttft,
+        "text": "".join(text),
+        "prompt_tokens": usage.prompt_tokens,
+        "cached_tokens": usage.prompt_tokens_details.cached_tokens,
+    }
+
+
+def bench_history(engine: Engine, tokenizer: Any, args: argparse.Namespace, reuse: bool) -> dict:
+    """Per repeat: turn N-1 (primes the slot), then turn N, whose first-token time is measured."""
+    past = history(tokenizer, args.history_tokens)
+    config = ServeConfig(prefix_reuse=reuse)
+    turns = []
+    with BackgroundServer(create_app(engine, tokenizer, config)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0)
+        for i in range(args.repeats):
+            asked = [*past, {"role": "user", "content": f"Question {i}: what came first?"}]
+            answer = first_token_time(client, asked, args.answer_tokens)["text"]
+            follow_up = [
+                *asked,
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "And after that?"},
+            ]
+            turns.append(first_token_time(client, follow_up, args.answer_tokens))
+    return {
+        "ttft_s": statistics.median(t["ttft_s"] for t in turns),
+        "prompt_tokens": turns[-1]["prompt_tokens"],
+        "cached_tokens": turns[-1]["cached_tokens"],
+        "answers": [t["text"] for t in turns],
+    }
+
+
+async def _streams(url: str, count: int, tokens: int) -> tuple[int, float]:
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0) as client:
+
+        async def one(i: int) -> int:
+            stream = await client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": f"Write story number {i}."}],
+                max_tokens=tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            return [chunk.usage async for chunk in stream if chunk.usage][0].completion_tokens
+
+        started = time.perf_counter()
+        generated = sum(await asyncio.gather(*(one(i) for i in range(count))))
+        return generated, time.perf_counter() - started
+
+
+def bench_throughput(engine: Engine, tokenizer: Any, args: argparse.Namespace) -> dict:
+    with BackgroundServer(create_app(engine, tokenizer, ServeConfig())) as server:
+        asyncio.run(_streams(server.url, args.streams, 4))  # warm-up
+        results = {}
+        for count in (1, args.streams):
+            generated, seconds = asyncio.run(_streams(server.url, count, args.stream_tokens))
+            results[count] = {"tokens": generated, "seconds": seconds, "tok_s": generated / seconds}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    loaded = load(args.model, device=args.device, dtype=args.dtype, progress=False)
+    cache_lens = max(args.history_tokens + 512, args.stream_tokens + 64)
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        cache_lens=cache_lens,
+        num_slots=args.streams,
+        chunk_size=args.chunk_size,
+        cuda_graph=not args.no_cuda_graph,
+    )
+    tokenizer = loaded.tokenizer
+    reuse = bench_history(engine, tokenizer, args, reuse=True)
+    fresh = bench_history(engine, tokenizer, args, reuse=False)
+    streams = bench_throughput(engine, tokenizer, args)
+    single, many = streams[1], streams[args.streams]
+    result = {
+        "model": loaded.source.label,
+        "device": str(loaded.device),
+        "dtype": str(next(loaded.model.parameters()).dtype),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "cache_lens": cache_lens,
+        "history": {
+            "reuse": reuse,
+            "no_reuse": fresh,
+            "speedup": fresh["ttft_s"] / reuse["ttft_s"],
+        },
+        "throughput": {
+            "single": single,
+            "concurrent": many,
+            "streams": args.streams,
+            "speedup": many["tok_s"] / single["tok_s"],
+        },
+        "same_answers": reuse["answers"] == fresh["answers"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print_table(result)
+    return 0
+
+
+def print_table(result: dict) -> None:
+    h, t = result["history"], result["throughput"]
+    rows = [
+        (
+            f"TTFT turn N, {h['reuse']['prompt_tokens']:,}-token prompt",
+            f"{h['reuse']['ttft_s'] * 1e3:,.1f} ms (cached {h['reuse']['cached_tokens']:,})",
+            f"{h['no_reuse']['ttft_s'] * 1e3:,.1f} ms (no reuse)",
+            f"{h['speedup']:.1f}x",
+            ">= 10x",
+        ),
+        (
+            f"decode throughput, {t['streams']} streams",
+            f"{t['concurrent']['tok_s']:,.1f} tok/s",
+            f"{t['single']['tok_s']:,.1f} tok/s (1 stream)",
+            f"{t['speedup']:.1f}x",
+            ">= 4x (GPU)",
+        ),
+    ]
+    header = ("", "ktinject", "baseline", "ratio", "target")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    print(f"{result['model']} on {result['device']} ({result['dtype']})")
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print(f"greedy answers identical with and without reuse: {result['same_answers']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""From sampled token ids to streamed text, and when to stop — one place for every front end.
+
+`engine.generate` (run, chat, bench) and the server's scheduler both feed sampled tokens to a
+`Completion`, so they stop on exactly the same conditions: an end-of-sequence id, a stop string
+(never shown), or `max_new_tokens`; and they stream the same text (never half a character, text
+that might begin a stop string held back until ruled out).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ktinject.detokenize import StreamDecoder
+from ktinject.sampling import SamplingParams, make_generator, sample
+from ktinject.stopping import StopMatcher
+
+
+class Completion:
+    """The generated part of one request. `finish_reason` is set ("stop" or "length") once a
+    token ends it; the token ids exclude the end-of-sequence id."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        *,
+        tokenizer: Any,
+        eos_ids: set[int],
+        device: torch.device,
+    ) -> None:
+        self.params = params
+        self.eos_ids = set() if params.ignore_eos else eos_ids
+        self.generator = make_generator(params, device)
+        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+        self.stopper = StopMatcher(params.stop)
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """Pick the next token from one row of logits [V]."""
+        return int(sample(logits[None], self.params, self.generator)[0])
+
+    def accept(self, token: int) -> str:
+        """Take one sampled token; return the text that may be shown now (maybe empty)."""
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            return self._tail()
+        self.token_ids.append(token)
+        text, stopped = self.stopper.feed(self.decoder.push(token) if self.decoder else "")
+        if stopped:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+            text += self._tail()
+        return text
+
+    def _tail(self) -> str:
+        """Text still held back at the end: it was not a stop string after all."""
+        flushed = self.decoder.flush() if self.decoder else ""
+        tail, _ = self.stopper.feed(flushed)
+        return tail + self.stopper.flush()

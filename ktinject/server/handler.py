@@ -1,0 +1,220 @@
+"""From a parsed request to an HTTP response: validate, fit the context, submit to the scheduler,
+then turn its events into one JSON body or a server-sent-event stream.
+
+The handler waits for the request's first event before it answers, so anything that goes wrong
+before the first token (including in the scheduler) is still a plain HTTP error, never a broken
+stream. A client that goes away -- detected by polling while waiting, or by the stream being
+cancelled -- has its request dropped from the scheduler at once, freeing the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from ktinject.engine import Engine
+from ktinject.errors import KtinjectError
+from ktinject.sampling import SamplingParams
+from ktinject.server.config import ServeConfig
+from ktinject.server.context import max_new_tokens_for
+from ktinject.server.errors import RequestError, describe, error_response
+from ktinject.server.formats import Format, Reply
+from ktinject.server.metrics import ServerMetrics
+from ktinject.server.scheduler import Scheduler
+from ktinject.server.schemas import GenerationRequest
+from ktinject.server.sequence import Delta, Event, Failed, Finished, Sequence
+
+POLL_S = 0.25  # how often a request waiting without events checks that its client is still there
+CLIENT_GONE = 499  # status never seen by anyone; recorded for logs (nginx's convention)
+
+
+class RequestEvents:
+    """The events of one submitted request, read on the event loop. `close()` must be called
+    when the reader is done: it drops the request from the scheduler unless it finished, and
+    counts the request's outcome."""
+
+    def __init__(
+        self,
+        request: Request,
+        seq: Sequence,
+        queue: asyncio.Queue[Event],
+        scheduler: Scheduler,
+        count: Callable[[str], None],
+    ) -> None:
+        self.request = request
+        self.seq = seq
+        self.queue = queue
+        self.scheduler = scheduler
+        self.count = count
+        self.outcome: str | None = None  # finish reason or "error"; None while running
+
+    async def next(self) -> Event | None:
+        """The next event, or None once the client has disconnected."""
+        # events often arrive in bursts: take a queued one without setting up a timed wait
+        event = None if self.queue.empty() else self.queue.get_nowait()
+        while event is None:
+            try:
+                event = await asyncio.wait_for(self.queue.get(), POLL_S)
+            except TimeoutError:
+                if await self.request.is_disconnected():
+                    return None
+        if isinstance(event, Finished):
+            self.outcome = event.finish_reason
+        elif isinstance(event, Failed):
+            self.outcome = "error"
+        return event
+
+    def close(self) -> None:
+        if self.outcome is None:
+            self.scheduler.cancel(self.seq)
+        self.count(self.outcome or "cancelled")
+
+
+class Handler:
+    """Serves generation requests for both endpoints; `fmt` supplies what differs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        scheduler: Scheduler,
+        metrics: ServerMetrics,
+        config: ServeConfig,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.config = config
+
+    def count(self, endpoint: str, outcome: str) -> None:
+        self.metrics.requests.labels(endpoint=endpoint, outcome=outcome).inc()
+
+    async def handle(
+        self,
+        request: Request,
+        body: GenerationRequest,
+        fmt: Format,
+        prompt_ids: Callable[[], list[int]],
+    ) -> Response:
+        try:
+            seq_input = self._prepare(body, fmt, prompt_ids)
+        except KtinjectError as exc:
+            self.count(fmt.endpoint, "rejected")
+            return error_response(exc, prompt_param=fmt.prompt_param)
+        events = self._submit(request, fmt.endpoint, *seq_input)
+        reply = Reply.new(fmt.prefix, self.config.model_name)
+        streaming = False
+        try:
+            first = await events.next()
+            if body.stream and isinstance(first, Delta | Finished):
+                streaming = True  # from here on the stream closes `events` when it ends
+                stream = self._stream(fmt, reply, body.include_usage, first, events)
+                return StreamingResponse(stream, media_type="text/event-stream")
+            # the whole answer, or the error that came before the first token
+            return await self._collect(fmt, reply, first, events)
+        finally:
+            if not streaming:
+                events.close()
+
+    def _prepare(
+        self, body: GenerationRequest, fmt: Format, prompt_ids: Callable[[], list[int]]
+    ) -> tuple[list[int], SamplingParams]:
+        """Everything that can reject the request, before it is queued."""
+        if body.n not in (None, 1):
+            raise RequestError(
+                f"n is {body.n}; this server returns one choice per request (use n=1).",
+                param="n",
+            )
+        ids = prompt_ids()
+        if not ids:
+            raise RequestError(
+                "The prompt is empty; give at least one token.", param=fmt.prompt_param
+            )
+        max_new_tokens = max_new_tokens_for(
+            self.engine,
+            len(ids),
+            body.requested_max_tokens,
+            default=self.config.max_new_tokens,
+            strict=self.config.strict_context,
+        )
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stops,
+            ignore_eos=body.ignore_eos,
+        )
+        return ids, params
+
+    def _submit(
+        self, request: Request, endpoint: str, ids: list[int], params: SamplingParams
+    ) -> RequestEvents:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        seq = Sequence(
+            ids,
+            params,
+            tokenizer=self.tokenizer,
+            eos_ids=self.engine.eos_ids,
+            device=self.engine.device,
+            emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
+        )
+        self.scheduler.submit(seq)
+        count = functools.partial(self.count, endpoint)
+        return RequestEvents(request, seq, queue, self.scheduler, count)
+
+    async def _collect(
+        self, fmt: Format, reply: Reply, event: Event | None, events: RequestEvents
+    ) -> Response:
+        parts: list[str] = []
+        while isinstance(event, Delta):
+            parts.append(event.text)
+            event = await events.next()
+        if isinstance(event, Finished):
+            response = fmt.response(reply, "".join(parts), event.finish_reason, event.usage)
+            return JSONResponse(response.model_dump(mode="json"))
+        if isinstance(event, Failed):
+            return error_response(event.error, prompt_param=fmt.prompt_param)
+        return Response(status_code=CLIENT_GONE)
+
+    async def _stream(
+        self,
+        fmt: Format,
+        reply: Reply,
+        include_usage: bool,
+        event: Event | None,
+        events: RequestEvents,
+    ) -> AsyncIterator[str]:
+        """SSE chunks until `data: [DONE]`; a failure mid-stream becomes an `error` event."""
+        try:
+            opening = fmt.opening(reply)
+            if opening is not None:
+                yield _sse(opening)
+            while isinstance(event, Delta):
+                yield _sse(fmt.chunk(reply, event.text, None))
+                event = await events.next()
+            if isinstance(event, Finished):
+                yield _sse(fmt.chunk(reply, None, event.finish_reason))
+                if include_usage:
+                    yield _sse(fmt.usage_chunk(reply, event.usage))
+            elif isinstance(event, Failed):
+                yield _sse(describe(event.error, prompt_param=fmt.prompt_param)[1])
+            if event is not None:
+                yield "data: [DONE]\n\n"
+        finally:
+            events.close()
+
+
+def _sse(payload: BaseModel | dict[str, Any]) -> str:
+    if isinstance(payload, BaseModel):
+        return f"data: {payload.model_dump_json()}\n\n"
+    return f"data: {json.dumps(payload)}\n\n"

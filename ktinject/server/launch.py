@@ -1,0 +1,219 @@
+"""`ktinject serve`: its flags, the optional YAML config, and start-up (load, engine, uvicorn).
+
+Imported by the CLI whenever it builds its parser, so nothing heavy (torch, FastAPI) is imported
+at module level here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ktinject.errors import KtinjectError
+
+DEFAULT_CHUNK_SIZE = 512  # per scheduler step: small enough that a long prefill barely stalls
+
+
+@dataclass
+class ServeOptions:
+    """Every serve setting; a `--config` YAML file uses these names (`-` or `_`)."""
+
+    model: str | None = None
+    rules: str = "auto"
+    set: list[str] = field(default_factory=list)
+    device: str | None = None
+    dtype: str = "auto"
+    cache_lens: int = 4096
+    max_batch_size: int = 4
+    max_new_tokens: int = 1024
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    strict_context: bool = False
+    no_prefix_reuse: bool = False
+    no_cuda_graph: bool = False
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag is None when not given (store_true flags too), so a --config file can fill
+    it; the real defaults are those of `ServeOptions`, shown in the help."""
+    d = ServeOptions()
+    parser.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML file with any of these settings; flags given here win",
+    )
+    parser.add_argument(
+        "--rules",
+        help=f"rule file or shipped name; 'none' runs unpatched ({d.rules})",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a rule-file variable (repeatable)",
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if any)")
+    parser.add_argument("--dtype", help=f"auto, float32, bfloat16 ({d.dtype})")
+    parser.add_argument(
+        "--cache-lens",
+        type=int,
+        metavar="N",
+        help=f"KV positions per slot = longest conversation ({d.cache_lens})",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        metavar="B",
+        help=f"cache slots = requests decoded together ({d.max_batch_size})",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="M",
+        help=f"max_tokens when a request gives none ({d.max_new_tokens})",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="C",
+        help=f"prompt tokens prefilled per scheduler step ({d.chunk_size})",
+    )
+    parser.add_argument("--host", help=f"interface to bind ({d.host})")
+    parser.add_argument("--port", type=int, help=f"port ({d.port})")
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/ routes",
+    )
+    parser.add_argument(
+        "--strict-context",
+        action="store_true",
+        default=None,
+        help="reject max_tokens that do not fit instead of clamping them",
+    )
+    parser.add_argument(
+        "--no-prefix-reuse",
+        action="store_true",
+        default=None,
+        help="always prefill the whole prompt (no conversation-history reuse)",
+    )
+    parser.add_argument(
+        "--no-cuda-graph", action="store_true", default=None, help="decode eagerly on GPU"
+    )
+
+
+def resolve_options(args: argparse.Namespace) -> ServeOptions:
+    """`ServeOptions` defaults, then the --config file, then the flags given. `--set` values
+    from the file and the command line both apply (the command line's last)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(ServeOptions)
+    if args.config is not None:
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(args.config)) or {}
+            if not isinstance(loaded, dict):
+                raise KtinjectError(f"--config {args.config}: expected a mapping of settings.")
+            loaded = {str(key).replace("-", "_"): value for key, value in loaded.items()}
+            merged = OmegaConf.merge(merged, loaded)
+        except OSError as exc:
+            raise KtinjectError(f"--config {args.config}: {exc.strerror}.") from None
+        except OmegaConfBaseException as exc:
+            problem = str(exc).splitlines()[0]
+            raise KtinjectError(
+                f"--config {args.config}: {problem}; valid keys: "
+                f"{', '.join(f.name for f in fields(ServeOptions))}."
+            ) from None
+    given = {f.name: getattr(args, f.name, None) for f in fields(ServeOptions)}
+    given = {name: value for name, value in given.items() if value is not None}
+    if "set" in given:
+        given["set"] = [*merged.set, *given["set"]]
+    options = OmegaConf.to_object(OmegaConf.merge(merged, given))
+    _check(options)
+    return options
+
+
+def _check(options: ServeOptions) -> None:
+    for name, flag in (
+        ("max_batch_size", "--max-batch-size"),
+        ("max_new_tokens", "--max-new-tokens"),
+        ("chunk_size", "--chunk-size"),
+    ):
+        value = getattr(options, name)
+        if value < 1:
+            raise KtinjectError(f"{flag} is {value}; it must be at least 1.")
+    if options.cache_lens < 2:
+        raise KtinjectError(f"--cache-lens is {options.cache_lens}; it must be at least 2.")
+    if not 0 <= options.port <= 65535:
+        raise KtinjectError(f"--port is {options.port}; it must be in 0..65535.")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model, build the engine and the app, and serve until interrupted."""
+    options = resolve_options(args)
+
+    import uvicorn
+
+    from ktinject.cli import rules_arg
+    from ktinject.engine import Engine
+    from ktinject.loading import load
+    from ktinject.rules import parse_override
+    from ktinject.server.app import create_app
+    from ktinject.server.config import ServeConfig
+
+    loaded = load(
+        options.model,
+        rules=rules_arg(options.rules),
+        overrides=dict(parse_override(item) for item in options.set),
+        device=options.device,
+        dtype=options.dtype,
+    )
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        cache_lens=options.cache_lens,
+        num_slots=options.max_batch_size,
+        chunk_size=options.chunk_size,
+        cuda_graph=not options.no_cuda_graph,
+    )
+    config = ServeConfig(
+        model_name=Path(loaded.source.label).name,
+        max_new_tokens=options.max_new_tokens,
+        strict_context=bool(options.strict_context),
+        prefix_reuse=not options.no_prefix_reuse,
+        api_key=options.api_key,
+    )
+    app = create_app(engine, loaded.tokenizer, config)
+    if options.api_key is None and not _is_loopback(options.host):
+        print(
+            f"warning: serving on {options.host} without --api-key; anyone who can reach "
+            f"this port can use the model.",
+            file=sys.stderr,
+        )
+    print(
+        f"ktinject: {config.model_name} on {loaded.device}, {engine.num_slots} slot(s) x "
+        f"{engine.cache_lens:,} tokens; OpenAI API at http://{options.host}:{options.port}/v1",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=options.host, port=options.port, log_level="info")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,443 @@
+"""The OpenAI-compatible server, driven through the official `openai` client.
+
+Servers run in-process (uvicorn on a background thread, a free loopback port) around a tiny
+random-weight Llama with the shipped llama rules (static-cache attention), and a character-level
+tokenizer built here, offline, with a ChatML-like template. Greedy outputs are checked against the
+engine's own single-sequence `generate`, so batching, chunked prefill and history reuse must not
+change a single token. One test serves the embedded SmolLM2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from tiny_models import tiny_model
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
+
+from ktinject import optimize
+from ktinject.chat import chat_prompt_ids
+from ktinject.engine import Engine
+from ktinject.errors import KtinjectError
+from ktinject.sampling import SamplingParams
+from ktinject.server import add_serve_arguments
+from ktinject.server.app import create_app
+from ktinject.server.background import BackgroundServer
+from ktinject.server.config import ServeConfig
+from ktinject.server.launch import resolve_options
+
+CACHE_LENS = 256
+SLOTS = 4
+CHUNK = 16  # small, so prompts are prefilled over several scheduler steps
+SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """256 ids: 3 special tokens, newline, printable ASCII, then Latin Extended letters, one
+    character per token, so every id decodes to text and re-encodes to itself."""
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    chars += [chr(c) for c in range(0x100, 0x100 + 256 - len(SPECIAL) - len(chars))]
+    vocab = {token: i for i, token in enumerate(SPECIAL + chars)}
+    model = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    model.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optimize(tiny_model("llama"), "llama")[0]
+
+
+def make_engine(model, tokenizer) -> Engine:
+    return Engine(model, tokenizer, cache_lens=CACHE_LENS, num_slots=SLOTS, chunk_size=CHUNK)
+
+
+@contextmanager
+def serving(engine: Engine, tokenizer, **config) -> Iterator[str]:
+    """A server around `engine`; yields its base URL."""
+    app = create_app(engine, tokenizer, ServeConfig(model_name="tiny", **config))
+    with BackgroundServer(app) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def url(model, tokenizer) -> Iterator[str]:
+    with serving(make_engine(model, tokenizer), tokenizer) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(model, tokenizer):
+    """Greedy text of the engine's single-sequence loop: what every server answer must equal."""
+    engine = Engine(model, tokenizer)
+
+    def generate(ids: list[int], max_tokens: int, ignore_eos: bool = False) -> str:
+        params = SamplingParams(max_new_tokens=max_tokens, ignore_eos=ignore_eos)
+        return engine.generate(ids, params).result()
+
+    return generate
+
+
+def chat(client: openai.OpenAI, messages: list[dict], **kwargs):
+    return client.chat.completions.create(model="tiny", messages=messages, temperature=0, **kwargs)
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def metric(url: str, name: str, default: float | None = None, **labels: str) -> float:
+    """A sample's value; `default` when absent (a labelled counter appears once counted)."""
+    text = httpx.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    assert default is not None, f"{name}{labels} not in /metrics"
+    return default
+
+
+def wait_for_metric(url: str, name: str, value: float, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(url, name) != value:
+        assert time.monotonic() < deadline, f"{name} stayed {metric(url, name)}, not {value}"
+        time.sleep(0.05)
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+
+def test_chat_completion_matches_engine_and_reports_usage(client, tokenizer, reference):
+    messages = user("hello there")
+    ids = chat_prompt_ids(tokenizer, messages)
+    response = chat(client, messages, max_tokens=12, extra_body={"ignore_eos": True})
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == reference(ids, 12, ignore_eos=True)
+    assert choice.finish_reason == "length"
+    usage = response.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), 12)
+    assert usage.total_tokens == len(ids) + 12
+    assert usage.prompt_tokens_details.cached_tokens >= 0
+    assert response.object == "chat.completion" and response.model == "tiny"
+
+
+def test_chat_stream_equals_non_stream_and_ends_with_usage(client):
+    messages = user("stream me")
+    whole = chat(client, messages, max_tokens=10).choices[0]
+    chunks = list(
+        chat(client, messages, max_tokens=10, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.message.content
+    assert chunks[-2].choices[0].finish_reason == whole.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 10
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_stream_and_not(client, tokenizer, reference):
+    prompt = "The quick brown fox"
+    expected = reference(tokenizer(prompt)["input_ids"], 9)
+    response = client.completions.create(model="tiny", prompt=prompt, max_tokens=9, temperature=0)
+    assert response.choices[0].text == expected
+    assert response.usage.prompt_tokens == len(prompt)
+    stream = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=9, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == response.choices[0].finish_reason
+
+
+def test_stop_string_ends_with_finish_reason_stop(client):
+    messages = user("stop somewhere")
+    full = chat(client, messages, max_tokens=16, extra_body={"ignore_eos": True})
+    text = full.choices[0].message.content
+    stop = text[6:8]
+    expected = text[: text.index(stop)]
+    response = chat(client, messages, max_tokens=16, stop=[stop, "never"])
+    assert response.choices[0].message.content == expected
+    assert response.choices[0].finish_reason == "stop"
+    streamed = chat(client, messages, max_tokens=16, stop=stop, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kwargs = {"max_tokens": 8, "seed": 7, "top_p": 0.9}
+    first = client.chat.completions.create(model="t", messages=user("x"), temperature=1, **kwargs)
+    again = client.chat.completions.create(model="t", messages=user("x"), temperature=1, **kwargs)
+    assert first.choices[0].message.content == again.choices[0].message.content
+
+
+# -- history reuse -------------------------------------------------------------------------------
+
+
+def test_second_turn_reuses_history_and_matches_a_fresh_server(client, model, tokenizer):
+    turn1 = user("Tell me a story")
+    answer = chat(client, turn1, max_tokens=10).choices[0].message.content
+    turn2 = [*turn1, {"role": "assistant", "content": answer}, *user("And then?")]
+    reused = chat(client, turn2, max_tokens=10)
+    assert reused.usage.prompt_tokens == len(chat_prompt_ids(tokenizer, turn2))
+    # the whole first prompt and the answer's tokens come from the cache
+    assert reused.usage.prompt_tokens_details.cached_tokens > len(chat_prompt_ids(tokenizer, turn1))
+    with serving(make_engine(model, tokenizer), tokenizer, prefix_reuse=False) as fresh_url:
+        fresh = openai.OpenAI(base_url=f"{fresh_url}/v1", api_key="-", max_retries=0)
+        chat(fresh, turn1, max_tokens=10)
+        baseline = chat(fresh, turn2, max_tokens=10)
+    assert baseline.usage.prompt_tokens_details.cached_tokens == 0
+    assert reused.choices[0].message.content == baseline.choices[0].message.content
+
+
+def test_interleaved_conversations_keep_their_own_history(client, tokenizer):
+    """A new conversation sharing only the template's first tokens must not evict another."""
+    firsts = [user("first conversation"), user("second conversation")]
+    answers = [chat(client, m, max_tokens=6).choices[0].message.content for m in firsts]
+    for messages, answer in zip(firsts, answers, strict=True):
+        follow_up = [*messages, {"role": "assistant", "content": answer}, *user("more")]
+        usage = chat(client, follow_up, max_tokens=4).usage
+        assert usage.prompt_tokens_details.cached_tokens > len(chat_prompt_ids(tokenizer, messages))
+
+
+# -- context policy ------------------------------------------------------------------------------
+
+
+def test_prompt_over_cache_lens_is_400_and_server_keeps_serving(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client, user("x" * CACHE_LENS), max_tokens=4)
+    error = caught.value.body
+    assert caught.value.status_code == 400
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert str(CACHE_LENS) in error["message"]
+    assert chat(client, user("still alive?"), max_tokens=3).choices[0].finish_reason
+
+
+def test_overlong_max_tokens_is_clamped_to_the_cache(client, tokenizer):
+    messages = user("fill the cache")
+    room = CACHE_LENS - len(chat_prompt_ids(tokenizer, messages))
+    extra = {"ignore_eos": True}
+    clamped = chat(client, messages, max_tokens=10 * CACHE_LENS, extra_body=extra)
+    assert clamped.choices[0].finish_reason == "length"
+    assert clamped.usage.completion_tokens == room
+    defaulted = chat(client, messages, extra_body=extra)  # server default 1024, capped too
+    assert defaulted.usage.completion_tokens == room
+
+
+def test_strict_context_rejects_overlong_max_tokens(model, tokenizer):
+    with serving(make_engine(model, tokenizer), tokenizer, strict_context=True) as base:
+        strict = openai.OpenAI(base_url=f"{base}/v1", api_key="-", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as caught:
+            chat(strict, user("hi"), max_tokens=CACHE_LENS)
+        assert caught.value.body["code"] == "context_length_exceeded"
+        assert caught.value.body["param"] == "max_tokens"
+        assert chat(strict, user("hi"), max_tokens=5).usage.completion_tokens <= 5
+
+
+# -- concurrency ---------------------------------------------------------------------------------
+
+
+def test_eight_concurrent_streams_equal_their_sequential_outputs(url, tokenizer, reference):
+    prompts = [f"client {i}: " + "abcdefgh"[i] * (3 + 5 * i) for i in range(8)]
+    expected = [reference(chat_prompt_ids(tokenizer, user(p)), 20) for p in prompts]
+
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> str:
+        stream = await client.chat.completions.create(
+            model="tiny", messages=user(prompt), max_tokens=20, temperature=0, stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream])
+
+    async def all_at_once() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-") as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    batches = metric(url, "ktinject_decode_batch_size_sum")
+    steps = metric(url, "ktinject_decode_batch_size_count")
+    assert asyncio.run(all_at_once()) == expected
+    wait_for_metric(url, "ktinject_kv_slots_in_use", 0)
+    batched = metric(url, "ktinject_decode_batch_size_sum") - batches
+    assert batched / (metric(url, "ktinject_decode_batch_size_count") - steps) > 2
+
+
+def test_disconnected_streams_free_their_slots(url):
+    cancelled = metric(url, "ktinject_requests_total", 0.0, outcome="cancelled")
+    body = {
+        "messages": user("long answer"),
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.Client(base_url=url) as http:
+        for _ in range(SLOTS + 2):  # more than the slots: a leak would block the last ones
+            with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")
+    wait_for_metric(url, "ktinject_kv_slots_in_use", 0)
+    assert metric(url, "ktinject_requests_total", outcome="cancelled") > cancelled
+
+
+def test_a_failing_request_does_not_take_the_server_down(model, tokenizer, monkeypatch):
+    engine = make_engine(model, tokenizer)
+    with serving(engine, tokenizer) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="-", max_retries=0)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        def refused(*args, **kwargs):
+            raise KtinjectError("not today")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "decode", broken)  # after the first token: 500 / error event
+            with pytest.raises(openai.InternalServerError, match="boom"):
+                chat(client, user("fail me"), max_tokens=5)
+            with pytest.raises(openai.APIError, match="boom"):
+                list(chat(client, user("fail me"), max_tokens=5, stream=True))
+            patch.setattr(engine, "prefill", refused)  # before the first token: plain 400
+            with pytest.raises(openai.BadRequestError, match="not today"):
+                chat(client, user("fail me"), max_tokens=5, stream=True)
+        assert chat(client, user("fine again"), max_tokens=5).choices[0].finish_reason
+        assert metric(base, "ktinject_kv_slots_in_use") == 0
+        assert metric(base, "ktinject_requests_total", outcome="error") == 3
+
+
+# -- protocol, auth, metrics ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"messages": [', None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}', "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+        (b'{"messages": []}', "messages"),
+        (b'{"max_tokens": 3}', "messages"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": -1}', "temperature"),
+    ],
+)
+def test_bad_requests_are_400_in_openai_format(url, body, param):
+    response = httpx.post(
+        f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+
+
+def test_unknown_fields_are_ignored(url):
+    body = {"messages": user("x"), "max_tokens": 2, "logit_bias": {}, "user": "me", "frobs": 1}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body)
+    assert response.status_code == 200
+
+
+def test_api_key_is_required_when_set(model, tokenizer):
+    with serving(make_engine(model, tokenizer), tokenizer, api_key="sesame") as base:
+        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as caught:
+            wrong.models.list()
+        assert caught.value.body["code"] == "invalid_api_key"
+        assert httpx.post(f"{base}/v1/completions", content=b"{").status_code == 401
+        right = openai.OpenAI(base_url=f"{base}/v1", api_key="sesame", max_retries=0)
+        assert [m.id for m in right.models.list()] == ["tiny"]
+        assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_metrics_parse_as_prometheus_text(client, url):
+    chat(client, user("count me"), max_tokens=3)
+    names = {f.name for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    assert {
+        "ktinject_requests",
+        "ktinject_prompt_tokens",
+        "ktinject_generation_tokens",
+        "ktinject_prefix_cache_queries",
+        "ktinject_prefix_cache_hits",
+        "ktinject_kv_slots_in_use",
+        "ktinject_time_to_first_token_seconds",
+        "ktinject_time_per_output_token_seconds",
+    } <= names
+    assert metric(url, "ktinject_kv_slots") == SLOTS
+    assert metric(url, "ktinject_requests_total", endpoint="chat.completions", outcome="length")
+    assert metric(url, "ktinject_time_to_first_token_seconds_count") > 0
+
+
+def test_models_and_health(client, url):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def test_config_file_is_overridden_by_flags(tmp_path):
+    import argparse
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("cache-lens: 2048\nport: 9000\nset: [gpu=cuda:1]\nno_prefix_reuse: true\n")
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--config", str(config), "--port", "9100", "--set", "threads=8"])
+    options = resolve_options(args)
+    assert (options.cache_lens, options.port, options.no_prefix_reuse) == (2048, 9100, True)
+    assert options.set == ["gpu=cuda:1", "threads=8"]
+    assert (options.host, options.max_batch_size) == ("127.0.0.1", 4)
+    config.write_text("cache_lenz: 1\n")
+    with pytest.raises(KtinjectError, match="cache_lenz"):
+        resolve_options(parser.parse_args(["--config", str(config)]))
+
+
+# -- the real model ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_conversation_reuses_history(smollm2):
+    messages = user("What is the capital of France?")
+
+    def two_turns(prefix_reuse: bool):
+        engine = Engine(smollm2.model, smollm2.tokenizer, cache_lens=512, num_slots=2)
+        app = create_app(engine, smollm2.tokenizer, ServeConfig(prefix_reuse=prefix_reuse))
+        with BackgroundServer(app) as server:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0)
+            first = chat(client, messages, max_tokens=12).choices[0].message.content
+            follow_up = [*messages, {"role": "assistant", "content": first}, *user("Why?")]
+            return first, chat(client, follow_up, max_tokens=12)
+
+    first, reused = two_turns(True)
+    _, fresh = two_turns(False)
+    assert "Paris" in first
+    assert reused.usage.prompt_tokens_details.cached_tokens > 20
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert reused.choices[0].message.content == fresh.choices[0].message.content
