@@ -22,6 +22,10 @@ from ktinject.cache import AttentionContext, LayerSpec, current_context
 from ktinject.errors import RuleError
 from operators.base import Operator, take
 from operators.triton.decode_attention import decode_attention_reference
+from operators.triton.fused import rope, use_triton
+
+# Families whose apply_rotary_pos_emb is Llama's rotate-half RoPE (what the Triton kernel does)
+ROTATE_HALF_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmoe")
 
 
 class StaticCacheAttention(Operator):
@@ -57,6 +61,8 @@ class StaticCacheAttention(Operator):
         self.scaling = scaling
         self.layer_idx = layer_idx
         self.rotary = rotary
+        family = rotary.__module__.rpartition(".modeling_")[2]
+        self.fused_rope = family in ROTATE_HALF_FAMILIES
         self.clip_qkv = clip_qkv
         self.is_causal = True
         self.split = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
@@ -143,7 +149,8 @@ class StaticCacheAttention(Operator):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = self.rotary(q, k, cos, sin)
+        fused = self.fused_rope and use_triton(q)
+        q, k = (rope if fused else self.rotary)(q, k, cos, sin)
         context = current_context()
         if context is None:
             out = self._hf_attention(q, k, v, attention_mask, past_key_values)

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from operators.base import Operator, take
+from operators.triton.fused import silu_mul, use_triton
+
+SILU_CLASSES = ("SiLU", "SiLUActivation")
 
 
 class FusedGatedMLP(Operator):
@@ -32,6 +35,8 @@ class FusedGatedMLP(Operator):
         self.gate_up_bias = gate_up_bias
         self.down_proj = down_proj
         self.act_fn = act_fn
+        # SiLU and the product run as one kernel on GPU; other activations keep act_fn(gate) * up
+        self.fused_silu = type(act_fn).__name__ in SILU_CLASSES
         self.register_load_state_dict_pre_hook(_fuse_gate_up)
 
     @classmethod
@@ -60,7 +65,10 @@ class FusedGatedMLP(Operator):
         return cls(take(weight, device), bias, down, module.act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        if self.fused_silu and use_triton(gate_up):
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
 
