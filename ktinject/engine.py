@@ -103,7 +103,10 @@ class Engine:
         self.specs = {
             m.layer_idx: m.cache_spec() for m in model.modules() if hasattr(m, "cache_spec")
         }
-        self.cuda_graph = cuda_graph and self.device.type == "cuda" and bool(self.specs)
+        self.graph_blocker = graph_blocker(model)
+        self.cuda_graph = (
+            cuda_graph and self.device.type == "cuda" and self.static and not self.graph_blocker
+        )
         self.cache: StaticKVCache | None = None
         self.dynamic: list[Any] = [None] * num_slots
         self.dynamic_tokens: list[list[int]] = [[] for _ in range(num_slots)]
@@ -348,56 +351,76 @@ class Engine:
         return graph
 
 
-class _DecodeGraph:
-    """One-token decode for `batch` rows captured in a CUDA graph: static input buffers, the
-    attention context pointing at them, and the logits buffer the replay fills."""
+class DecodeStep:
+    """One-token decode for `batch` rows that reads everything from static buffers: token ids,
+    positions, slots and lengths, and the attention context pointing at them. This is what a CUDA
+    graph captures; it runs eagerly too (tests check it makes no host sync)."""
 
     def __init__(self, engine: Engine, batch: int) -> None:
-        device = engine.device
-        cache = engine.cache
+        device, cache = engine.device, engine.cache
+        self.model = engine.model
         self.ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
         # warm-up and capture write K/V at the last position, which no request can have valid
-        self.positions = torch.full(
-            (batch, 1), cache.cache_lens - 1, dtype=torch.long, device=device
-        )
+        last = cache.cache_lens - 1
+        self.positions = torch.full((batch, 1), last, dtype=torch.long, device=device)
         self.slots = torch.arange(batch, device=device) % cache.num_slots
         self.seq_lens = torch.ones(batch, dtype=torch.int32, device=device)
-        context = AttentionContext(
+        self.mask = placeholder_mask(self.ids)
+        self.context = AttentionContext(
             cache=cache, slots=self.slots, positions=self.positions, seq_lens=self.seq_lens
         )
-        model = engine.model
-        mask = placeholder_mask(self.ids)
 
-        def step() -> torch.Tensor:
-            with use_context(context):
-                out = model(
-                    input_ids=self.ids,
-                    position_ids=self.positions,
-                    attention_mask=mask,
-                    use_cache=False,
-                    logits_to_keep=1,
-                )
-            return out.logits[:, -1]
-
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=engine.graph_pool):
-            self.logits = step()
-
-    def run(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def load(self, slots: list[int], token_ids: list[int], positions: list[int]) -> None:
+        """Copy one step's inputs into the static buffers (one host-to-device transfer)."""
         host = torch.tensor([slots, token_ids, positions], dtype=torch.long)
         staged = host.to(self.ids.device, non_blocking=True)
         self.slots.copy_(staged[0])
         self.ids.copy_(staged[1][:, None])
         self.positions.copy_(staged[2][:, None])
         self.seq_lens.copy_(staged[2] + 1)
+
+    def __call__(self) -> torch.Tensor:
+        with use_context(self.context):
+            out = self.model(
+                input_ids=self.ids,
+                position_ids=self.positions,
+                attention_mask=self.mask,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1]
+
+
+class _DecodeGraph:
+    """A `DecodeStep` captured in a CUDA graph; `run` loads the inputs and replays it."""
+
+    def __init__(self, engine: Engine, batch: int) -> None:
+        self.step = DecodeStep(engine, batch)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=engine.graph_pool):
+            self.logits = self.step()
+
+    def run(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        self.step.load(slots, token_ids, positions)
         self.graph.replay()
         return self.logits
+
+
+def graph_blocker(model: nn.Module) -> str | None:
+    """Why decode of `model` cannot be captured in a CUDA graph, or None. Hugging Face's eager
+    experts loop reads the routing on the host; its grouped_mm implementation does not."""
+    config = getattr(model, "config", None)
+    experts = getattr(config, "_experts_implementation", None)
+    has_experts = any(type(m).__name__.endswith("Experts") for m in model.modules())
+    if has_experts and experts in (None, "eager"):
+        return "its MoE experts run HF's eager loop (set experts_implementation='grouped_mm')"
+    return None
 
 
 def placeholder_mask(ids: torch.Tensor) -> torch.Tensor:

@@ -200,7 +200,7 @@ class StaticCacheAttention(Operator):
         rows, positions = context.slots, context.positions[:, 0]
         k_cache[rows, :, positions] = k[:, :, 0]
         v_cache[rows, :, positions] = v[:, :, 0]
-        if q.is_cuda:
+        if use_triton(q):
             from operators.triton.decode_attention import decode_attention
 
             out = decode_attention(

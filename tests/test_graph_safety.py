@@ -1,0 +1,78 @@
+"""The decode step a CUDA graph captures, run on CPU with every GPU code path forced on.
+
+With `use_triton` forced to True (the Triton kernels run under the interpreter here), a
+`DecodeStep` reads token ids, positions, slots and lengths from static buffers and must
+1. make no host synchronisation (anything that reads a device value on the host would fail during
+   CUDA-graph capture), and
+2. give the same logits as the engine's eager decode.
+This catches on a CPU machine what would otherwise only fail on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import MOE_ARCHITECTURES, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import operators.attention
+import operators.mlp
+import operators.norm
+from ktinject import optimize
+from ktinject.engine import DecodeStep, Engine, graph_blocker
+from ktinject.loading import rules_for
+
+HOST_SYNCS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.item.default,
+}
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any op that copies a device value to the host (`.item()`, `bool(t)`, `int(t)`)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_SYNCS:
+            raise AssertionError(f"host synchronisation inside the decode step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in (operators.attention, operators.mlp, operators.norm):
+        monkeypatch.setattr(module, "use_triton", lambda tensor: True)
+
+
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "olmoe", "deepseek_v3"]
+)
+def test_graph_step_is_sync_free_and_matches_eager_decode(arch: str, gpu_paths) -> None:
+    """MoE models run HF's grouped_mm experts (the default when loading); the eager per-expert
+    loop reads routing on the host, so the engine never captures it (next test)."""
+    experts = {"experts_implementation": "grouped_mm"} if arch in MOE_ARCHITECTURES else {}
+    model, _ = optimize(tiny_model(arch, **experts), rules_for(arch), strict=True)
+    prompts = {0: [1, 5, 9, 13, 17], 1: [2, 4, 6]}
+    engine = Engine(model, cache_lens=32, num_slots=2)
+    for slot, prompt in prompts.items():
+        engine.prefill(slot, prompt)
+    eager = copy.deepcopy(engine.cache)
+    slots, tokens = [1, 0], [7, 3]
+    positions = [len(prompts[s]) for s in slots]
+
+    step = DecodeStep(engine, batch=2)
+    step.load(slots, tokens, positions)
+    with NoHostSync():
+        logits = step()
+
+    engine.cache = eager
+    expected = engine.decode(slots, tokens)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_engine_does_not_capture_host_syncing_experts() -> None:
+    assert graph_blocker(tiny_model("olmoe")) is not None  # eager experts
+    assert graph_blocker(tiny_model("olmoe", experts_implementation="grouped_mm")) is None
+    assert graph_blocker(tiny_model("llama")) is None
