@@ -22,7 +22,7 @@ from ktinject.cache import AttentionContext, LayerSpec, current_context
 from ktinject.errors import RuleError
 from operators.base import Operator, take
 from operators.triton.decode_attention import decode_attention_reference
-from operators.triton.fused import rope, use_triton
+from operators.triton.fused import rope, use_triton, write_kv, write_kv_reference
 
 # Families whose apply_rotary_pos_emb is Llama's rotate-half RoPE (what the Triton kernel does)
 ROTATE_HALF_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmoe")
@@ -198,8 +198,8 @@ class StaticCacheAttention(Operator):
         """One new token per row: write it at `positions`, attend over `seq_lens` positions."""
         k_cache, v_cache = context.cache.kv[self.layer_idx]
         rows, positions = context.slots, context.positions[:, 0]
-        k_cache[rows, :, positions] = k[:, :, 0]
-        v_cache[rows, :, positions] = v[:, :, 0]
+        write = write_kv if use_triton(q) else write_kv_reference
+        write(k[:, :, 0], v[:, :, 0], k_cache, v_cache, rows, positions)
         if use_triton(q):
             from operators.triton.decode_attention import decode_attention
 

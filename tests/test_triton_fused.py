@@ -545,3 +545,21 @@ def test_cuda_graph_replay_of_all_kernels():
         )
         for out, ref in zip(outs, refs, strict=True):
             assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_reference(dtype: torch.dtype) -> None:
+    """One launch writes each row's K and V at its slot and position; nothing else changes."""
+    from operators.triton.fused import write_kv, write_kv_reference
+
+    slots_n, heads, length, dim = 3, 2, 8, 16
+    kv = torch.randn(2, 3, heads, 4, dim, dtype=dtype, device=DEVICE)[:, :, :, 1]  # strided rows
+    caches = [
+        torch.randn(slots_n, heads, length, dim, dtype=dtype, device=DEVICE) for _ in range(2)
+    ]
+    expected = [c.clone() for c in caches]
+    slots = torch.tensor([2, 0, 1], device=DEVICE)
+    positions = torch.tensor([[7], [0], [3]], device=DEVICE)[:, 0]
+    write_kv_reference(kv[0], kv[1], *expected, slots, positions)
+    write_kv(kv[0], kv[1], *caches, slots, positions)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])

@@ -1,5 +1,6 @@
 """One-kernel versions of the small elementwise steps of a decoder layer (RMSNorm, residual add +
-RMSNorm, SiLU-and-mul, rotary embedding), each beside a pure-torch reference.
+RMSNorm, SiLU-and-mul, rotary embedding, the decode-time K/V cache write), each beside a
+pure-torch reference.
 
 Why this exists
 ---------------
@@ -12,10 +13,12 @@ as the work it does.  Hugging Face spends many kernels on cheap steps:
 * the residual add before the post-attention norm (1 more);
 * ``apply_rotary_pos_emb`` with ``rotate_half`` (slice, neg, cat, 4 muls, 2 adds for q and k,
   ~8 kernels);
-* ``act_fn(gate) * up`` (2 kernels).
+* ``act_fn(gate) * up`` (2 kernels);
+* writing one token's K and V into the static cache by advanced indexing (several kernels each).
 
 Each becomes exactly one launch here: :func:`rms_norm`, :func:`add_rms_norm` (the residual add
-fused into the norm that follows it), :func:`silu_mul` and :func:`rope` (q and k in one launch).
+fused into the norm that follows it), :func:`silu_mul`, :func:`rope` (q and k in one launch) and
+:func:`write_kv` (K and V in one launch).
 
 Numerics
 --------
@@ -65,6 +68,8 @@ __all__ = [
     "silu_mul",
     "silu_mul_reference",
     "use_triton",
+    "write_kv",
+    "write_kv_reference",
 ]
 
 MAX_NORM_DIM = 8192  # largest last dim of rms_norm/add_rms_norm (one program holds a whole row)
@@ -356,6 +361,37 @@ if triton is not None:
         tl.store(dst + HALF, o2, mask=mask)
 
     @triton.jit
+    def _write_kv_kernel(
+        k_ptr,
+        v_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        slots_ptr,
+        positions_ptr,
+        stride_kb,
+        stride_kh,
+        stride_vb,
+        stride_vh,
+        stride_cs,
+        stride_ch,
+        stride_cl,
+        stride_pos,
+        D: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        slot = tl.load(slots_ptr + row)
+        position = tl.load(positions_ptr + row * stride_pos)
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < D
+        k = tl.load(k_ptr + row * stride_kb + head * stride_kh + offs, mask=mask)
+        v = tl.load(v_ptr + row * stride_vb + head * stride_vh + offs, mask=mask)
+        dst = slot * stride_cs + head * stride_ch + position * stride_cl + offs
+        tl.store(k_cache_ptr + dst, k, mask=mask)
+        tl.store(v_cache_ptr + dst, v, mask=mask)
+
+    @triton.jit
     def _rope_kernel(
         q_ptr,
         k_ptr,
@@ -573,6 +609,67 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         num_warps=min(8, max(1, block // 256)),
     )
     return out
+
+
+def write_kv_reference(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Write one token per row into a static cache: ``cache[slots[b], :, positions[b]] = x[b]``.
+
+    ``k``/``v``: [B, H, D]; caches: [S, H, L, D]; ``slots``/``positions``: int [B].
+    """
+    k_cache[slots, :, positions] = k
+    v_cache[slots, :, positions] = v
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """:func:`write_kv_reference` as one launch for K and V (advanced-index assignment costs
+    several kernels per tensor). Grid ``(B, H)``; CUDA-graph safe."""
+    _check_triton_call("write_kv", k, v, k_cache, v_cache)
+    _check_unit_stride("write_kv", k=k, v=v)
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(
+            f"write_kv: K and V caches must have one layout, got {tuple(k_cache.shape)} and "
+            f"{tuple(v_cache.shape)}"
+        )
+    if k_cache.stride(-1) != 1 or k.shape[-1] != k_cache.shape[-1]:
+        raise ValueError(
+            f"write_kv: head dims differ or the cache's last dim is not contiguous "
+            f"(k {tuple(k.shape)}, cache {tuple(k_cache.shape)})"
+        )
+    batch, heads, dim = k.shape
+    if batch == 0:
+        return
+    _write_kv_kernel[(batch, heads)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slots,
+        positions,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        positions.stride(0),
+        D=dim,
+        BLOCK_D=_next_pow2(dim),
+    )
 
 
 def rope(

@@ -1,0 +1,84 @@
+"""GPU-only: the engine with CUDA-graph decode and the Triton kernels against unpatched HF.
+
+Token-exact comparisons run in fp32 with TF32 off; bf16 compares logits within 2e-2 relative to
+the logit scale. These tests skip (visibly) on machines without CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import ARCHITECTURES, MOE_ARCHITECTURES, tiny_model
+
+from ktinject import optimize
+from ktinject.engine import Engine
+from ktinject.loading import rules_for
+from ktinject.sampling import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+PROMPT = [1, 5, 9, 13, 17, 3, 7, 11, 19, 23, 29]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def models(arch: str, dtype: torch.dtype = torch.float32):
+    experts = {"experts_implementation": "grouped_mm"} if arch in MOE_ARCHITECTURES else {}
+    reference = tiny_model(arch, dtype=dtype, **experts).cuda()
+    patched, _ = optimize(copy.deepcopy(reference), rules_for(arch), strict=True)
+    return reference, patched
+
+
+def greedy(engine: Engine, prompt: list[int], n: int = 32) -> list[int]:
+    generation = engine.generate(prompt, SamplingParams(max_new_tokens=n))
+    generation.result()
+    return generation.token_ids
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_greedy_tokens_equal_hf_with_and_without_cuda_graph(arch: str, cuda_graph: bool) -> None:
+    reference, patched = models(arch)
+    out = reference.generate(
+        torch.tensor([PROMPT], device="cuda"), max_new_tokens=32, do_sample=False
+    )
+    expected = out[0, len(PROMPT) :].tolist()
+    engine = Engine(patched, cuda_graph=cuda_graph, chunk_size=7)
+    assert engine.cuda_graph == cuda_graph
+    assert greedy(engine, PROMPT) == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_batched_graph_decode_equals_single_sequences(arch: str) -> None:
+    _, patched = models(arch)
+    prompts = [PROMPT, [2, 4, 6, 8], [3, 1, 4, 1, 5, 9, 2, 6]]
+    expected = [greedy(Engine(patched, cuda_graph=False), p, 12) for p in prompts]
+    engine = Engine(patched, cache_lens=64, num_slots=3)
+    tokens = [[int(engine.prefill(slot, p)[0].argmax())] for slot, p in enumerate(prompts)]
+    for _ in range(11):
+        step = engine.decode([0, 1, 2], [t[-1] for t in tokens])
+        for row in range(3):
+            tokens[row].append(int(step[row].argmax()))
+    assert tokens == expected
+    assert 3 in engine.graphs
+
+
+def test_bf16_graph_logits_within_tolerance() -> None:
+    reference, patched = models("llama", torch.bfloat16)
+    tokens = PROMPT + [31, 37, 41, 43]
+    with torch.inference_mode():
+        expected = reference(torch.tensor([tokens], device="cuda")).logits[0].float()
+    engine = Engine(patched, cache_lens=64)
+    engine.prefill(0, PROMPT)
+    for index in range(len(PROMPT), len(tokens)):
+        step = engine.decode([0], [tokens[index]])[0].float()
+        scale = expected[index].abs().max()
+        assert (step - expected[index]).abs().max() <= 2e-2 * scale
