@@ -1,47 +1,25 @@
 """Tests for the flash-decoding kernel and its torch reference (operators/triton/decode_attention).
 
-Without CUDA the Triton kernels run under the Triton interpreter.  Triton picks compile vs.
-interpret when a kernel is *decorated* (i.e. when the kernel module is imported), reading
-``TRITON_INTERPRET`` then, so the variable is set below before anything imports that module.
-``import torch`` does not import triton (checked with torch 2.13 CPU and torch 2.11 CUDA builds),
-so ``torch.cuda.is_available()`` is safe to call first.  If some earlier test module already
-imported the kernel module in compile mode on a CUDA-less machine, it is reloaded.
+Without CUDA the Triton kernels run under the Triton interpreter: Triton picks compile vs.
+interpret when a kernel is *decorated* (when the kernel module is imported), so conftest.py sets
+``TRITON_INTERPRET`` before any test module imports one.
 
 The interpreter is slow (100-7000x torch), so shapes stay tiny: a short split length forces
 several splits on caches of a few dozen positions.  On a GPU the same tests use the compiler.
 """
 
-import os
+import importlib.util
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:  # `operators` is a top-level package of the repo
-    sys.path.insert(0, _ROOT)
-
-import operators.triton.decode_attention as dmod  # noqa: E402
+import operators.triton.decode_attention as dmod
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-if HAS_TRITON and not CUDA:
-    import triton  # noqa: E402
-
-    if isinstance(dmod._decode_split_kernel, triton.runtime.JITFunction):
-        dmod = importlib.reload(dmod)  # imported before TRITON_INTERPRET was set
 
 decode_attention = dmod.decode_attention
 decode_attention_reference = dmod.decode_attention_reference

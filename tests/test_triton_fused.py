@@ -11,42 +11,23 @@ Two kinds of checks:
   (the residual sum and the rotary embedding; bf16 only on a GPU, because the Triton interpreter
   truncates fp32->bf16 casts instead of rounding to nearest even).
 
-Without CUDA the kernels run under the Triton interpreter (``TRITON_INTERPRET`` is set below and in
-conftest.py before the kernel module is imported), so shapes stay tiny.  On a GPU the same tests
-use the compiler, and a CUDA-graph test replays all four kernels.
+Without CUDA the kernels run under the Triton interpreter (conftest.py sets ``TRITON_INTERPRET``
+before the kernel module is imported), so shapes stay tiny.  On a GPU the same tests use the
+compiler, and a CUDA-graph test replays all four kernels.
 """
 
-import os
+import importlib.util
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:  # `operators` is a top-level package of the repo
-    sys.path.insert(0, _ROOT)
-
-import operators.triton.fused as fmod  # noqa: E402
+import operators.triton.fused as fmod
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-if HAS_TRITON and not CUDA:
-    import triton  # noqa: E402
-
-    if isinstance(fmod._rms_norm_kernel, triton.runtime.JITFunction):
-        fmod = importlib.reload(fmod)  # imported before TRITON_INTERPRET was set
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
