@@ -90,8 +90,9 @@ class AttentionContext:
     Rows are sequences, `positions` [B, T] the cache positions of the new tokens (also their RoPE
     positions), `seq_lens` [B] each row's valid length once they are written. For a
     single-sequence prefill chunk `prefill_start` and `prefill_slot` repeat the first position and
-    the slot as host ints (so operators slice without a device sync); `max_len` is a host upper
-    bound on `seq_lens` when one is known (eager decode), None inside a CUDA graph.
+    the slot as host ints (so operators slice without a device sync). In eager decode
+    `host_rows` repeats each row's (slot, position) on the host and `max_len` bounds `seq_lens`;
+    both are None inside a CUDA graph, where only the device tensors may be read.
     """
 
     cache: StaticKVCache
@@ -101,6 +102,7 @@ class AttentionContext:
     prefill_start: int | None = None
     prefill_slot: int = 0
     max_len: int | None = None
+    host_rows: list[tuple[int, int]] | None = None
 
 
 _LOCAL = threading.local()  # one stack per thread: two engines on two threads never mix

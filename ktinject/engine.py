@@ -332,6 +332,7 @@ class Engine:
             prefill_start=starts[0] if prefill else None,
             prefill_slot=slots[0],
             max_len=max(starts) + (len(token_ids) if prefill else 1),
+            host_rows=None if prefill else list(zip(slots, starts, strict=True)),
         )
         with use_context(context):
             out = self.model(

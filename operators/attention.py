@@ -197,6 +197,8 @@ class StaticCacheAttention(Operator):
     ) -> torch.Tensor:
         """One new token per row: write it at `positions`, attend over `seq_lens` positions."""
         k_cache, v_cache = context.cache.kv[self.layer_idx]
+        if context.host_rows is not None and not use_triton(q):
+            return self._decode_rows(q, k, v, k_cache, v_cache, context.host_rows)
         rows, positions = context.slots, context.positions[:, 0]
         write = write_kv if use_triton(q) else write_kv_reference
         write(k[:, :, 0], v[:, :, 0], k_cache, v_cache, rows, positions)
@@ -207,13 +209,37 @@ class StaticCacheAttention(Operator):
                 q[:, :, 0], k_cache, v_cache, rows, context.seq_lens, self.scaling
             )
         else:
-            if context.max_len is not None:  # read only what can be valid
-                k_cache = k_cache[:, :, : context.max_len]
-                v_cache = v_cache[:, :, : context.max_len]
             out = decode_attention_reference(
                 q[:, :, 0], k_cache, v_cache, rows, context.seq_lens, self.scaling
             )
         return out[:, None]
+
+    def _decode_rows(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        host_rows: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """Eager CPU decode: slots and positions are known on the host, so each row writes with a
+        slice and attends over a view of exactly its valid prefix (no gather, no masking)."""
+        outs = []
+        for row, (slot, position) in enumerate(host_rows):
+            k_cache[slot, :, position] = k[row, :, 0]
+            v_cache[slot, :, position] = v[row, :, 0]
+            end = position + 1
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[row : row + 1],
+                    k_cache[slot : slot + 1, :, :end],
+                    v_cache[slot : slot + 1, :, :end],
+                    scale=self.scaling,
+                    enable_gqa=self.num_key_value_groups > 1,
+                )
+            )
+        return torch.cat(outs).transpose(1, 2)
 
 
 def chunk_attention(

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One GPU session, inside a 10-minute limit: the GPU tests, then `ktinject bench` on random-weight
+# Llama-3-8B and SmolLM2-135M shapes in bf16 against HF eager and HF static cache + torch.compile.
+#
+# Run from the repository root once the carried wheels are installed:
+#     OUT=/some/folder bash benchmarks/run_gpu.sh
+# Writes $OUT/run_gpu.log (everything below) and one JSON per bench step (4 files in all), and
+# prints a summary table last. A step that fails or times out does not stop the next ones; each
+# step's timeout is cut to what is left of BUDGET_S, and a bench cut short by its timeout still
+# prints and writes what it measured.
+set -u
+
+OUT=${OUT:-bench-out}
+BUDGET_S=${BUDGET_S:-560}  # the whole script, leaving slack under the 10-minute limit
+mkdir -p "$OUT"
+exec > >(tee "$OUT/run_gpu.log") 2>&1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+STARTED=$SECONDS
+STATUS=()
+
+# step NAME TIMEOUT_S COMMAND...: run COMMAND under `timeout`, print its elapsed time and rc
+step() {
+    local name=$1 limit=$2 left
+    shift 2
+    left=$(( BUDGET_S - (SECONDS - STARTED) - 20 ))  # 20 s: SIGTERM grace + summary
+    (( limit > left )) && limit=$left
+    if (( limit < 30 )); then
+        echo "== $name: skipped, ${left}s of the budget left"
+        STATUS+=("$name: skipped")
+        return
+    fi
+    echo
+    echo "== $name (timeout ${limit}s, $(( SECONDS - STARTED ))s into the run): $*"
+    local began=$SECONDS rc
+    timeout --kill-after=15 "$limit" "$@"
+    rc=$?
+    echo "== $name: rc=$rc after $(( SECONDS - began ))s"
+    STATUS+=("$name: rc=$rc, $(( SECONDS - began ))s")
+}
+
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader || true
+python3 -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)'
+
+# the lead's CLI when it imports, else this benchmark's own entry point (same flags)
+if python3 -c 'import ktinject.cli' 2>/dev/null; then
+    BENCH=(python3 -m ktinject.cli bench)
+else
+    BENCH=(python3 -m ktinject.bench)
+fi
+COMMON=(--device cuda --dtype bfloat16 --prompt-len 128)
+
+step gpu-tests 120 python3 -m pytest -m gpu -x -q -p no:cacheprovider tests
+
+step llama3-8b-eager 150 "${BENCH[@]}" --shape llama3-8b "${COMMON[@]}" --long-context 8192 \
+    --new-tokens 128 --repeats 2 --baselines eager --json "$OUT/llama3-8b-eager.json"
+
+step smollm2-135m 180 "${BENCH[@]}" --shape smollm2-135m "${COMMON[@]}" --long-context 4096 \
+    --new-tokens 128 --repeats 3 --baselines eager,static-compile --json "$OUT/smollm2-135m.json"
+
+# HF's compile of the 8B decode step took 74 s on an H200 before: one round, last in line
+step llama3-8b-static-compile 240 "${BENCH[@]}" --shape llama3-8b "${COMMON[@]}" \
+    --long-context 8192 --new-tokens 128 --repeats 1 --baselines static-compile \
+    --json "$OUT/llama3-8b-static.json"
+
+echo
+echo "== summary ($(( SECONDS - STARTED ))s in all)"
+for line in "${STATUS[@]}"; do echo "  $line"; done
+shopt -s nullglob
+results=("$OUT"/*.json)
+if (( ${#results[@]} )); then
+    python3 benchmarks/summarize.py "${results[@]}"
+fi

@@ -1,0 +1,149 @@
+"""The systems a benchmark compares, behind one call: `run(prompt, n) -> Sample`.
+
+- `HFEager`: `model.generate` with Hugging Face's default DynamicCache, greedy.
+- `HFStaticCompile`: `model.generate` with one reused `StaticCache` of the same size as ktinject's
+  cache; transformers then compiles the decode step itself (its documented path: a compileable
+  cache triggers `torch.compile` with the default `CompileConfig`, mode "reduce-overhead", i.e.
+  CUDA graphs). Prefill stays eager, as in transformers.
+- `Ktinject`: the patched model driven by `Engine.prefill` / `Engine.decode`.
+
+`generate` cannot tell when its first token was ready, so an HF run is two calls: one with
+`max_new_tokens=1` (time to first token) and one with n (the whole generation); decode time is the
+difference. Every system suppresses end-of-sequence tokens for all n steps (HF: `min_new_tokens=n`;
+ktinject: the same ids masked before argmax), so each run yields exactly n comparable tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ktinject.bench.measure import Stopwatch
+
+HF_EAGER = "hf-eager"
+HF_STATIC_COMPILE = "hf-static-compile"
+KTINJECT = "ktinject"
+BASELINES = {"eager": HF_EAGER, "static-compile": HF_STATIC_COMPILE}
+
+
+@dataclass
+class Sample:
+    """One greedy generation of n tokens from one prompt."""
+
+    ttft_s: float  # prompt in, first token chosen
+    total_s: float  # prompt in, n tokens chosen
+    tokens: list[int]
+
+    @property
+    def decode_s(self) -> float:
+        return self.total_s - self.ttft_s
+
+
+class HFEager:
+    name = HF_EAGER
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.watch = Stopwatch(device)
+        self.pad = _pad_token(model)
+
+    def run(self, prompt: torch.Tensor, n: int) -> Sample:
+        # the whole generation first, so a system's first run times its first full call
+        total_s, tokens = self._generate(prompt, n)
+        ttft_s, _ = self._generate(prompt, 1)
+        return Sample(ttft_s=ttft_s, total_s=total_s, tokens=tokens)
+
+    def _generate(self, prompt: torch.Tensor, n: int) -> tuple[float, list[int]]:
+        kwargs = self._kwargs()
+        self.watch.start()
+        out = self.model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=self.pad,
+            **kwargs,
+        )
+        seconds = self.watch.stop()
+        return seconds, out[0, prompt.shape[1] :].tolist()
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {}
+
+
+class HFStaticCompile(HFEager):
+    name = HF_STATIC_COMPILE
+
+    def __init__(self, model: nn.Module, device: torch.device, cache_lens: int) -> None:
+        from transformers import CompileConfig, StaticCache
+
+        super().__init__(model, device)
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_lens)
+        self.compile_config = CompileConfig()
+        # transformers compiles only on accelerators unless told otherwise
+        self.compile_config._compile_all_devices = device.type != "cuda"
+
+    def _kwargs(self) -> dict[str, Any]:
+        self.cache.reset()
+        return {"past_key_values": self.cache, "compile_config": self.compile_config}
+
+
+class Ktinject:
+    name = KTINJECT
+
+    def __init__(
+        self, model: nn.Module, device: torch.device, *, cache_lens: int, cuda_graph: bool
+    ) -> None:
+        self.model = model
+        self.cache_lens = cache_lens
+        self.cuda_graph = cuda_graph
+        self.watch = Stopwatch(device)
+        self.engine: Any = None
+        eos = _eos_ids(model)
+        self.eos = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
+
+    @property
+    def capture_s(self) -> float:
+        return self.engine.capture_s if self.engine is not None else 0.0
+
+    def run(self, prompt: torch.Tensor, n: int) -> Sample:
+        from ktinject.engine import Engine
+
+        ids = prompt[0].tolist()
+        self.watch.start()
+        if self.engine is None:  # created in the first run: its cache counts as warm-up memory
+            self.engine = Engine(self.model, cache_lens=self.cache_lens, cuda_graph=self.cuda_graph)
+        logits, _ = self.engine.prefill(0, ids, reuse=False)
+        tokens = [self._greedy(logits[None])]
+        ttft_s = self.watch.stop()
+        self.watch.start()
+        for _ in range(n - 1):
+            tokens.append(self._greedy(self.engine.decode([0], [tokens[-1]])))
+        decode_s = self.watch.stop()
+        return Sample(ttft_s=ttft_s, total_s=ttft_s + decode_s, tokens=tokens)
+
+    def _greedy(self, logits: torch.Tensor) -> int:
+        if self.eos is not None:
+            logits = logits.index_fill(-1, self.eos, float("-inf"))
+        return int(logits[0].argmax())
+
+
+def _eos_ids(model: nn.Module) -> list[int]:
+    """The ids `generate(min_new_tokens=...)` masks: the generation config's eos ids."""
+    value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def _pad_token(model: nn.Module) -> int:
+    config = getattr(model, "generation_config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        eos = _eos_ids(model)
+        pad = eos[0] if eos else 0
+    return int(pad)

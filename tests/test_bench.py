@@ -1,0 +1,93 @@
+"""`ktinject bench` end to end on the tiny shape: the JSON has every number, and in fp32 the
+ktinject tokens equal Hugging Face's. Timings are never asserted (they depend on the machine)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from ktinject.bench import add_bench_arguments, run_bench
+from ktinject.errors import KtinjectError
+
+METRICS = {
+    "prefill_tok_s",
+    "ttft_ms",
+    "decode_tok_s",
+    "long_prefill_tok_s",
+    "long_ttft_ms",
+    "long_decode_tok_s",
+    "first_call_s",
+    "steady_call_s",
+    "peak_memory_gib",
+}
+
+
+def parse(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    return parser.parse_args(list(flags))
+
+
+def test_tiny_bench_writes_json_and_matches_hf(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = parse(
+        "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-len", "8",
+        "--long-context", "40", "--new-tokens", "6", "--repeats", "2", "--json", str(out),
+    )  # fmt: skip
+
+    assert run_bench(args) == 0
+
+    result = json.loads(out.read_text())
+    assert {"machine", "model", "settings", "reference", "systems", "ratios"} <= set(result)
+    assert {"date", "cpu", "torch", "transformers"} <= set(result["machine"])
+    assert result["settings"]["dtype"] == "float32"
+    assert result["settings"]["cache_lens"] >= 40 + 6
+    assert result["model"]["rules"].endswith("llama.yaml")
+    assert result["model"]["replaced_modules"] > 0
+    assert set(result["systems"]) == {"hf-eager", "ktinject"}
+    assert result["reference"] == "hf-eager"
+    for system in result["systems"].values():
+        assert system["error"] is None
+        assert set(system["metrics"]) == METRICS
+        assert all(value is not None for value in system["metrics"].values())
+        assert len(system["samples"]["short"]) == len(system["samples"]["long"]) == 2
+        assert len(system["tokens"]["short"]) == len(system["tokens"]["long"]) == 6
+    kt = result["systems"]["ktinject"]
+    assert kt["tokens"] == result["systems"]["hf-eager"]["tokens"]
+    assert kt["matches_reference"] == {
+        "short": {"equal": True, "first_mismatch": None},
+        "long": {"equal": True, "first_mismatch": None},
+    }
+    assert set(result["ratios"]["ktinject/hf-eager"]) == METRICS
+    table = capsys.readouterr().out
+    assert "decode tok/s @8" in table and "decode tok/s @40" in table
+    assert "tokens equal hf-eager @40" in table
+
+
+def test_long_context_can_be_skipped(capsys):
+    args = parse(
+        "--shape", "tiny", "--device", "cpu", "--prompt-len", "4", "--long-context", "0",
+        "--new-tokens", "3", "--repeats", "1",
+    )  # fmt: skip
+
+    assert run_bench(args) == 0
+
+    table = capsys.readouterr().out
+    assert "decode tok/s @4" in table and "@0" not in table
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--new-tokens", "1"], "--new-tokens is 1"),
+        (["--baselines", "eager,fast"], "--baselines 'eager,fast'"),
+        (["--shape", "llama-9000"], "--shape 'llama-9000' is unknown"),
+        (["--long-context", "5000"], "max_position_embeddings"),
+    ],
+)
+def test_bad_flags_fail_in_one_sentence(flags, message):
+    args = parse("--shape", "tiny", "--device", "cpu", *flags)
+    with pytest.raises(KtinjectError, match=message):
+        run_bench(args)
