@@ -24,6 +24,11 @@ from ktinject import optimize
 from ktinject.engine import DecodeStep, Engine, graph_blocker
 from ktinject.loading import rules_for
 
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="simulates the GPU path on CPU; on a GPU tests/test_gpu.py runs the real one",
+)
+
 HOST_SYNCS = {
     torch.ops.aten._local_scalar_dense.default,
     torch.ops.aten.is_nonzero.default,
