@@ -414,13 +414,11 @@ class _DecodeGraph:
 
 
 def graph_blocker(model: nn.Module) -> str | None:
-    """Why decode of `model` cannot be captured in a CUDA graph, or None. Hugging Face's eager
-    experts loop reads the routing on the host; its grouped_mm implementation does not."""
-    config = getattr(model, "config", None)
-    experts = getattr(config, "_experts_implementation", None)
-    has_experts = any(type(m).__name__.endswith("Experts") for m in model.modules())
-    if has_experts and experts in (None, "eager"):
-        return "its MoE experts run HF's eager loop (set experts_implementation='grouped_mm')"
+    """Why decode of `model` cannot be captured in a CUDA graph, or None. Hugging Face's experts
+    modules cannot be: the eager loop reads the routing on the host, and grouped_mm builds its
+    group offsets from a CPU tensor (measured on an H200, 2026-11-27)."""
+    if any(type(m).__name__.endswith("Experts") for m in model.modules()):
+        return "its MoE experts are Hugging Face's, which cannot be captured in a CUDA graph"
     return None
 
 

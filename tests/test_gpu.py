@@ -31,8 +31,7 @@ def no_tf32():
 
 
 def models(arch: str, dtype: torch.dtype = torch.float32):
-    experts = {"experts_implementation": "grouped_mm"} if arch in MOE_ARCHITECTURES else {}
-    reference = tiny_model(arch, dtype=dtype, **experts).cuda()
+    reference = tiny_model(arch, dtype=dtype).cuda()
     patched, _ = optimize(copy.deepcopy(reference), rules_for(arch), strict=True)
     return reference, patched
 
@@ -52,7 +51,7 @@ def test_greedy_tokens_equal_hf_with_and_without_cuda_graph(arch: str, cuda_grap
     )
     expected = out[0, len(PROMPT) :].tolist()
     engine = Engine(patched, cuda_graph=cuda_graph, chunk_size=7)
-    assert engine.cuda_graph == cuda_graph
+    assert engine.cuda_graph == (cuda_graph and arch not in MOE_ARCHITECTURES)
     assert greedy(engine, PROMPT) == expected
 
 

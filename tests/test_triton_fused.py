@@ -460,10 +460,12 @@ def test_low_precision_rounding_points(dtype):
     """The kernels round where HF rounds.  With round-to-nearest casts, rms_norm, add_rms_norm
     and silu_mul then agree with torch bit for bit except where an fp32 rsqrt/exp/sum that
     differs in its last bits straddles a rounding boundary: well under 1% of the elements, one ulp
-    at most.  Skipping any of HF's intermediate roundings makes ~25-35% of them differ."""
+    at most -- except silu_mul, where a one-ulp difference in the rounded silu(gate) is multiplied
+    by `up`, which can carry it to two ulps of the product (seen in fp16 on an H200, whose tl.exp
+    is an approximation).  Skipping any of HF's intermediate roundings makes ~25-35% differ."""
     if not exact_casts(dtype):
         pytest.skip("the Triton interpreter truncates fp32->bf16 casts")
-    one_ulp = dict(atol=1e-6, rtol=torch.finfo(dtype).eps)
+    eps = torch.finfo(dtype).eps
     x = randn(4, 576, dtype=dtype, seed=11)
     residual = randn(4, 576, dtype=dtype, seed=12, scale=3.0)
     w = norm_weight(576, dtype)
@@ -479,7 +481,8 @@ def test_low_precision_rounding_points(dtype):
     for name, (out, ref) in pairs.items():
         differ = (out != ref).float().mean().item()
         assert differ <= 0.01, f"{name}: {differ:.1%} of the elements differ from torch"
-        torch.testing.assert_close(out.float(), ref.float(), **one_ulp, msg=name)
+        ulps = 2 if name == "silu_mul" else 1
+        torch.testing.assert_close(out.float(), ref.float(), atol=1e-6, rtol=ulps * eps, msg=name)
 
 
 # ---------------------------------------------------------------- CUDA only: graph capture
