@@ -1,0 +1,94 @@
+"""The `ktinject` command as a user runs it: answers, tables, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def ktinject(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ktinject", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single `error:` line of a failed command (no traceback)."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_run_streams_an_answer_and_a_status_line(smollm2) -> None:
+    result = ktinject("run", "What is the capital of France?", "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    status = result.stderr.strip().splitlines()[-1]
+    for part in ("prompt", "generated", "prefill", "decode", "tok/s"):
+        assert part in status
+
+
+@pytest.mark.slow
+def test_inspect_prints_the_table_and_exits_zero(smollm2) -> None:
+    result = ktinject("inspect")
+    assert result.returncode == 0, result.stderr
+    assert "model.layers.0.self_attn" in result.stdout
+    assert "StaticCacheAttention" in result.stdout and "FusedGatedMLP" in result.stdout
+    assert "llama.yaml" in result.stdout
+
+
+@pytest.mark.slow
+def test_inspect_strict_names_the_rule_that_matched_nothing(smollm2, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "extends: llama.yaml\n"
+        "rules:\n"
+        "  - match: {name: '^model\\.no_such_module$'}\n"
+        "    replace: {class: default}\n"
+    )
+    assert ktinject("inspect", "--rules", str(rules)).returncode == 0
+    error = one_error_line(ktinject("inspect", "--rules", str(rules), "--strict"))
+    assert "rules.yaml rule 0" in error and "no_such_module" in error and "--strict" in error
+
+
+@pytest.mark.slow
+def test_a_device_that_does_not_exist_is_one_sentence(smollm2, tmp_path: Path) -> None:
+    rules = tmp_path / "gpu.yaml"
+    rules.write_text(
+        "vars: {gpu: 'cuda:3'}\n"
+        "rules:\n"
+        "  - match: {class: LlamaRMSNorm}\n"
+        "    replace: {class: operators.norm.RMSNorm, device: '${gpu}'}\n"
+    )
+    if __import__("torch").cuda.device_count() > 3:
+        pytest.skip("this machine has a cuda:3")
+    error = one_error_line(ktinject("inspect", "--rules", str(rules)))
+    assert "cuda:3" in error and "--set gpu=cpu" in error
+
+
+def test_a_missing_model_path_is_one_sentence(tmp_path: Path) -> None:
+    error = one_error_line(ktinject("run", str(tmp_path / "nope"), "hello"))
+    assert "does not exist" in error and "nope" in error
+
+
+def test_a_malformed_rule_file_names_file_and_line(tmp_path: Path) -> None:
+    rules = tmp_path / "bad.yaml"
+    rules.write_text("rules:\n  - match: {name: 'x'\n    replace: {class: default}\n")
+    error = one_error_line(ktinject("inspect", "--rules", str(rules)))
+    assert "bad.yaml:" in error and "malformed YAML" in error
+
+
+@pytest.mark.slow
+def test_a_prompt_longer_than_the_cache_is_one_sentence(smollm2) -> None:
+    error = one_error_line(ktinject("run", "word " * 300, "--cache-lens", "64"))
+    assert "64 positions" in error and "--cache-lens" in error
