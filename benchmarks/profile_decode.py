@@ -1,0 +1,83 @@
+"""Where one decode step's time goes: kernels per step, GPU time per kernel family, wall time.
+
+For planning speed work, not a benchmark (no baseline): builds a random-weight shape, patches it
+with the family's rule file, prefills a prompt, then profiles `--steps` decode steps (CUDA-graph
+replays on GPU) with torch.profiler and prints
+- wall ms per step (engine.decode, sampling and the host read of the token included),
+- GPU kernels per step and GPU ms per step,
+- the kernels grouped by name, by total GPU time.
+
+    python3 benchmarks/profile_decode.py --shape smollm2-135m --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ktinject import optimize
+from ktinject.bench.shapes import SHAPES, random_model
+from ktinject.engine import Engine
+from ktinject.loading import rules_for
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def decode_steps(engine: Engine, token: int, steps: int) -> int:
+    for _ in range(steps):
+        token = int(engine.decode([0], [token])[0].argmax())
+    return token
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    model = random_model(args.shape, device, DTYPES[args.dtype], seed=0)
+    model, _ = optimize(model, rules_for(model.config.model_type))
+    engine = Engine(model, cache_lens=args.prompt_len + 4 * args.steps + 256)
+    logits, _ = engine.prefill(0, list(range(1, args.prompt_len + 1)))
+    token = decode_steps(engine, int(logits.argmax()), 5)  # capture and warm up
+
+    started = time.perf_counter()
+    token = decode_steps(engine, token, args.steps)
+    wall_ms = (time.perf_counter() - started) * 1e3 / args.steps
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        decode_steps(engine, token, args.steps)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_name: dict[str, list[float]] = collections.defaultdict(list)
+    for event in kernels:
+        per_name[event.name].append(event.device_time)
+    gpu_us = sum(sum(times) for times in per_name.values()) / args.steps
+
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{args.shape} {args.dtype} on {where}")
+    print(f"wall {wall_ms:.3f} ms/step ({1e3 / wall_ms:.0f} tok/s); graphs: {engine.cuda_graph}")
+    print(f"GPU kernels {len(kernels) / args.steps:.0f}/step, GPU busy {gpu_us / 1e3:.3f} ms/step")
+    ranked = sorted(per_name.items(), key=lambda item: -sum(item[1]))
+    print(f"{'kernel':70s} {'per step':>8s} {'us each':>8s} {'us/step':>8s}")
+    for name, times in ranked[: args.top]:
+        each = sum(times) / len(times)
+        print(
+            f"{name[:70]:70s} {len(times) / args.steps:8.1f} {each:8.2f} "
+            f"{sum(times) / args.steps:8.1f}"
+        )
+    if device.type != "cuda":
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+
+
+if __name__ == "__main__":
+    main()
