@@ -215,6 +215,21 @@ class Engine:
     def reset(self, slot: int) -> None:
         self._truncate(slot, 0)
 
+    def warm_up(self) -> None:
+        """Compile and capture before the first request, then empty every slot. Triton specialises
+        kernels on whether integer arguments are 1 or multiples of 16, so prefills of 2 and 16
+        tokens compile every variant a prompt can need; a decode graph is captured per batch size
+        (a first request otherwise paid ~0.8 s of compilation on an H200)."""
+        try:
+            limit = self.fixed_cache_lens or DEFAULT_CHUNK_SIZE
+            for length in (n for n in (2, 16) if n < limit):
+                self.prefill(0, [0] * length, reuse=False)
+            for batch in range(1, self.num_slots + 1):
+                self.decode(list(range(batch)), [0] * batch)
+        finally:
+            for slot in range(self.num_slots):
+                self.reset(slot)
+
     # -- single-sequence generation -------------------------------------------------------------
 
     def generate(
@@ -354,33 +369,39 @@ class Engine:
 
 class DecodeStep:
     """One-token decode for `batch` rows that reads everything from static buffers: token ids,
-    positions, slots and lengths, and the attention context pointing at them. This is what a CUDA
-    graph captures; it runs eagerly too (tests check it makes no host sync)."""
+    positions and slots, and the attention context pointing at them. This is what a CUDA graph
+    captures; it runs eagerly too (tests check it makes no host sync).
+
+    Inputs travel as one [3, B] block (slots, ids, positions) in a single host-to-device copy from
+    pinned memory; lengths are derived on the device inside the step."""
 
     def __init__(self, engine: Engine, batch: int) -> None:
         device, cache = engine.device, engine.cache
         self.model = engine.model
-        self.ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.inputs = torch.zeros((3, batch), dtype=torch.long, device=device)
+        self.staging = torch.zeros((3, batch), dtype=torch.long, pin_memory=device.type == "cuda")
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.slots, self.ids, self.positions = self.inputs[0], self.inputs[1:2].T, self.inputs[2:].T
         # warm-up and capture write K/V at the last position, which no request can have valid
-        last = cache.cache_lens - 1
-        self.positions = torch.full((batch, 1), last, dtype=torch.long, device=device)
-        self.slots = torch.arange(batch, device=device) % cache.num_slots
-        self.seq_lens = torch.ones(batch, dtype=torch.int32, device=device)
+        self.slots.copy_(torch.arange(batch) % cache.num_slots)
+        self.positions.fill_(cache.cache_lens - 1)
+        self.seq_lens = torch.ones(batch, dtype=torch.long, device=device)
         self.mask = placeholder_mask(self.ids)
         self.context = AttentionContext(
             cache=cache, slots=self.slots, positions=self.positions, seq_lens=self.seq_lens
         )
 
     def load(self, slots: list[int], token_ids: list[int], positions: list[int]) -> None:
-        """Copy one step's inputs into the static buffers (one host-to-device transfer)."""
-        host = torch.tensor([slots, token_ids, positions], dtype=torch.long)
-        staged = host.to(self.ids.device, non_blocking=True)
-        self.slots.copy_(staged[0])
-        self.ids.copy_(staged[1][:, None])
-        self.positions.copy_(staged[2][:, None])
-        self.seq_lens.copy_(staged[2] + 1)
+        """Stage one step's inputs and copy them to the device in one transfer."""
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copy has left the staging buffer
+        self.staging.numpy()[:] = (slots, token_ids, positions)
+        self.inputs.copy_(self.staging, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
 
     def __call__(self) -> torch.Tensor:
+        torch.add(self.positions[:, 0], 1, out=self.seq_lens)
         with use_context(self.context):
             out = self.model(
                 input_ids=self.ids,

@@ -197,3 +197,11 @@ def test_engine_rejects_bad_sizes(patched) -> None:
 def test_empty_prompt_is_refused(patched) -> None:
     with pytest.raises(KtinjectError, match="empty"):
         Engine(copy.deepcopy(patched)).prefill(0, [])
+
+
+@pytest.mark.parametrize("cache_lens", [None, 8, 64])
+def test_warm_up_leaves_every_slot_empty(patched, cache_lens: int | None) -> None:
+    engine = Engine(patched, cache_lens=cache_lens, num_slots=2)
+    engine.warm_up()
+    assert [engine.cached_length(slot) for slot in range(2)] == [0, 0]
+    assert greedy(engine, PROMPT[:4], 3) == greedy(Engine(patched), PROMPT[:4], 3)

@@ -101,14 +101,8 @@ class Scheduler:
             seq.fail(RuntimeError("The server is shutting down."))
 
     def _warm_up(self) -> None:
-        """Run one decode per batch size before serving, so CUDA graphs are captured now and no
-        request pays for a capture; the slots are emptied again afterwards."""
-        try:
-            for batch in range(1, self.engine.num_slots + 1):
-                self.engine.decode(list(range(batch)), [0] * batch)
-        finally:
-            for slot in range(self.engine.num_slots):
-                self.engine.reset(slot)
+        """Compile kernels and capture CUDA graphs before serving, so no request pays for them."""
+        self.engine.warm_up()
 
     def _take_inbox(self, *, block: bool) -> None:
         try:
