@@ -68,3 +68,21 @@ def test_static_attention_rejects_sliding_window() -> None:
     attention = model.model.layers[1].self_attn
     with pytest.raises(RuleError, match="sliding window of 8 tokens"):
         build(StaticCacheAttention, attention, model, "model.layers.1.self_attn")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_residual_layer_matches_hf(arch: str, fused: bool, monkeypatch) -> None:
+    """Both paths: torch on CPU, and the Triton add_rms_norm (interpreted here, compiled on GPU)."""
+    import operators.layer
+    from operators.layer import FusedResidualDecoderLayer
+
+    monkeypatch.setattr(operators.layer, "use_triton", lambda tensor: fused)
+    model = tiny_model(arch)
+    original = model.model.layers[1]
+    operator = build(FusedResidualDecoderLayer, original, model, "model.layers.1")
+    hidden = torch.randn(1, 5, model.config.hidden_size)
+    rope = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    expected = original(hidden, position_embeddings=rope, attention_mask=None)
+    actual = operator(hidden, position_embeddings=rope, attention_mask=None)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
