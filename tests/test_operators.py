@@ -78,11 +78,12 @@ def test_fused_residual_layer_matches_hf(arch: str, fused: bool, monkeypatch) ->
     from operators.layer import FusedResidualDecoderLayer
 
     monkeypatch.setattr(operators.layer, "use_triton", lambda tensor: fused)
-    model = tiny_model(arch)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled Triton needs CUDA tensors
+    model = tiny_model(arch).to(device)
     original = model.model.layers[1]
     operator = build(FusedResidualDecoderLayer, original, model, "model.layers.1")
-    hidden = torch.randn(1, 5, model.config.hidden_size)
-    rope = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    hidden = torch.randn(1, 5, model.config.hidden_size, device=device)
+    rope = model.model.rotary_emb(hidden, torch.arange(5, device=device)[None])
     expected = original(hidden, position_embeddings=rope, attention_mask=None)
     actual = operator(hidden, position_embeddings=rope, attention_mask=None)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
