@@ -22,9 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from ktinject import optimize
 from ktinject.bench.shapes import SHAPES, random_model
 from ktinject.engine import Engine
-from ktinject.loading import rules_for
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ktinject.loading import DTYPES, rules_for
 
 
 def decode_steps(engine: Engine, token: int, steps: int) -> int:
