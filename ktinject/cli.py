@@ -112,13 +112,16 @@ def load_for(args: argparse.Namespace, model: str | None) -> Any:
 def build_engine(args: argparse.Namespace, loaded: Any) -> Any:
     from ktinject.engine import Engine
 
-    return Engine(
+    engine = Engine(
         loaded.model,
         loaded.tokenizer,
         cache_lens=args.cache_lens,
         chunk_size=args.chunk_size,
         cuda_graph=not args.no_cuda_graph,
     )
+    if engine.device.type == "cuda" and engine.graph_blocked_by and not args.no_cuda_graph:
+        print(f"note: decode runs without CUDA graphs: {engine.graph_blocked_by}", file=sys.stderr)
+    return engine
 
 
 def status_line(stats: Any, cache: tuple[int, int | None] | None = None) -> str:

@@ -103,9 +103,9 @@ class Engine:
         self.specs = {
             m.layer_idx: m.cache_spec() for m in model.modules() if hasattr(m, "cache_spec")
         }
-        self.graph_blocker = graph_blocker(model)
+        self.graph_blocked_by = graph_blocker(model)  # why decode is not captured, if it is not
         self.cuda_graph = (
-            cuda_graph and self.device.type == "cuda" and self.static and not self.graph_blocker
+            cuda_graph and self.device.type == "cuda" and self.static and not self.graph_blocked_by
         )
         self.cache: StaticKVCache | None = None
         self.dynamic: list[Any] = [None] * num_slots
@@ -194,14 +194,14 @@ class Engine:
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
         """Feed one token per slot at its next position; return logits [B, V]."""
-        if self.cache is None:
+        if not self.static:
             return torch.cat(
                 [
                     self._forward_chunk(s, self.cached_length(s), [t])[None]
                     for s, t in zip(slots, token_ids, strict=True)
                 ]
             )
-        positions = [self.cache.lengths[s] for s in slots]
+        positions = [self.cached_length(s) for s in slots]
         self.reserve(max(positions), 1)
         if self.cuda_graph:
             logits = self._graph(len(slots)).run(slots, token_ids, positions)

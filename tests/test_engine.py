@@ -205,3 +205,10 @@ def test_warm_up_leaves_every_slot_empty(patched, cache_lens: int | None) -> Non
     engine.warm_up()
     assert [engine.cached_length(slot) for slot in range(2)] == [0, 0]
     assert greedy(engine, PROMPT[:4], 3) == greedy(Engine(patched), PROMPT[:4], 3)
+
+
+def test_decode_before_any_prefill_starts_at_position_zero(patched) -> None:
+    engine = Engine(patched)
+    logits = engine.decode([0], [PROMPT[0]])
+    expected, _ = Engine(patched).prefill(0, PROMPT[:1])
+    torch.testing.assert_close(logits[0], expected)
