@@ -20,7 +20,7 @@ from torch import nn
 
 from ktinject.cache import AttentionContext, LayerSpec, current_context
 from ktinject.errors import RuleError
-from operators.base import Operator, take
+from operators.base import Operator, check_source, concat_rows, take
 from operators.triton.decode_attention import decode_attention_reference
 from operators.triton.fused import rope, use_triton, write_kv, write_kv_reference
 
@@ -78,11 +78,8 @@ class StaticCacheAttention(Operator):
         device: torch.device | None,
         **kwargs: Any,
     ) -> Self:
-        if kwargs:
-            raise TypeError(f"StaticCacheAttention takes no kwargs, got {sorted(kwargs)}")
-        for part in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx"):
-            if not hasattr(module, part):
-                raise TypeError(f"{type(module).__name__} has no {part}")
+        parts = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "layer_idx")
+        check_source(cls, module, kwargs, parts)
         window = getattr(module, "sliding_window", getattr(config, "sliding_window", None))
         if window is not None and window < getattr(config, "max_position_embeddings", 0):
             raise RuleError(
@@ -92,8 +89,8 @@ class StaticCacheAttention(Operator):
             )
         head_dim = module.head_dim
         q, k, v = module.q_proj, module.k_proj, module.v_proj
-        weight = _cat([q.weight, k.weight, v.weight])
-        bias = _cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
+        weight = concat_rows([q.weight, k.weight, v.weight])
+        bias = concat_rows([q.bias, k.bias, v.bias]) if q.bias is not None else None
         o_proj = module.o_proj
         if device is not None and not o_proj.weight.is_meta:
             o_proj = o_proj.to(device)
@@ -266,13 +263,6 @@ def chunk_attention(
         scale=scale,
         enable_gqa=enable_gqa,
     )
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if tensors[0].is_meta:
-        rows = sum(t.shape[0] for t in tensors)
-        return torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype, device="meta")
-    return torch.cat([t.detach() for t in tensors], dim=0)
 
 
 def _fuse_qkv(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -24,6 +24,28 @@ class Operator(nn.Module):
         raise NotImplementedError
 
 
+def check_source(
+    operator: type, module: nn.Module, kwargs: dict[str, Any], parts: tuple[str, ...]
+) -> None:
+    """The checks every `from_module` starts with: no unexpected kwargs, and the attributes the
+    operator takes from `module` exist. A TypeError here becomes a one-line RuleError naming the
+    rule (see ktinject.inject)."""
+    if kwargs:
+        raise TypeError(f"{operator.__name__} takes no kwargs, got {sorted(kwargs)}")
+    missing = [part for part in parts if not hasattr(module, part)]
+    if missing:
+        raise TypeError(f"{type(module).__name__} has no {', '.join(missing)}")
+
+
+def concat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack weights along dim 0 for a fused projection; on meta, only the shape is made (the
+    real rows arrive through the operator's load-state-dict hook)."""
+    if tensors[0].is_meta:
+        rows = sum(t.shape[0] for t in tensors)
+        return torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype, device="meta")
+    return torch.cat([t.detach() for t in tensors], dim=0)
+
+
 def take(tensor: torch.Tensor, device: torch.device | None) -> nn.Parameter:
     """Wrap `tensor` as a frozen parameter on `device` (meta tensors stay on meta until loaded)."""
     if device is not None and not tensor.is_meta:

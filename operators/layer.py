@@ -13,7 +13,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from operators.base import Operator
+from operators.base import Operator, check_source
 from operators.triton.fused import add_rms_norm, use_triton
 
 PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -40,11 +40,7 @@ class FusedResidualDecoderLayer(Operator):
         device: torch.device | None,
         **kwargs: Any,
     ) -> Self:
-        if kwargs:
-            raise TypeError(f"FusedResidualDecoderLayer takes no kwargs, got {sorted(kwargs)}")
-        missing = [part for part in PARTS if not hasattr(module, part)]
-        if missing:
-            raise TypeError(f"{type(module).__name__} has no {', '.join(missing)}")
+        check_source(cls, module, kwargs, PARTS)
         norm = module.post_attention_layernorm
         if not hasattr(norm, "weight") or not hasattr(norm, "variance_epsilon"):
             raise TypeError(f"{type(norm).__name__} is not an RMSNorm with weight/variance_epsilon")

@@ -27,7 +27,7 @@ from torch import nn
 
 from ktinject.cache import AttentionContext, LayerSpec, current_context
 from operators.attention import chunk_attention
-from operators.base import Operator
+from operators.base import Operator, check_source
 
 _SUBMODULES = (
     "q_proj",
@@ -93,11 +93,8 @@ class StaticCacheMLA(Operator):
         device: torch.device | None,
         **kwargs: Any,
     ) -> Self:
-        if kwargs:
-            raise TypeError(f"StaticCacheMLA takes no kwargs, got {sorted(kwargs)}")
-        for part in (*_SUBMODULES, "config", "scaling", "layer_idx", "kv_lora_rank"):
-            if not hasattr(module, part):
-                raise TypeError(f"{type(module).__name__} has no {part}")
+        parts = (*_SUBMODULES, "config", "scaling", "layer_idx", "kv_lora_rank")
+        check_source(cls, module, kwargs, parts)
         if module.kv_b_proj.bias is not None:
             # absorption folds kv_b_proj into the query and the output; a bias would not fold
             raise TypeError(f"{type(module).__name__}.kv_b_proj has a bias; MLA expects none")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from operators.base import Operator, take
+from operators.base import Operator, check_source, concat_rows, take
 from operators.triton.fused import silu_mul, use_triton
 
 SILU_CLASSES = ("SiLU", "SiLUActivation")
@@ -49,16 +49,12 @@ class FusedGatedMLP(Operator):
         device: torch.device | None,
         **kwargs: Any,
     ) -> Self:
-        if kwargs:
-            raise TypeError(f"FusedGatedMLP takes no kwargs, got {sorted(kwargs)}")
-        for part in ("gate_proj", "up_proj", "down_proj", "act_fn"):
-            if not hasattr(module, part):
-                raise TypeError(f"{type(module).__name__} has no {part}")
+        check_source(cls, module, kwargs, ("gate_proj", "up_proj", "down_proj", "act_fn"))
         gate, up = module.gate_proj, module.up_proj
-        weight = _cat(gate.weight, up.weight)
+        weight = concat_rows([gate.weight, up.weight])
         bias = None
         if gate.bias is not None:
-            bias = take(_cat(gate.bias, up.bias), device)
+            bias = take(concat_rows([gate.bias, up.bias]), device)
         down = module.down_proj
         if device is not None and not down.weight.is_meta:
             down = down.to(device)
@@ -70,14 +66,6 @@ class FusedGatedMLP(Operator):
             return self.down_proj(silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
-
-
-def _cat(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    if first.is_meta:
-        return torch.empty(
-            (first.shape[0] + second.shape[0], *first.shape[1:]), dtype=first.dtype, device="meta"
-        )
-    return torch.cat([first.detach(), second.detach()], dim=0)
 
 
 def _fuse_gate_up(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

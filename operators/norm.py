@@ -11,7 +11,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from operators.base import Operator, take
+from operators.base import Operator, check_source, take
 from operators.triton.fused import rms_norm, rms_norm_reference, use_triton
 
 
@@ -34,11 +34,10 @@ class RMSNorm(Operator):
         device: torch.device | None,
         **kwargs: Any,
     ) -> Self:
-        if kwargs:
-            raise TypeError(f"RMSNorm takes no kwargs, got {sorted(kwargs)}")
+        check_source(cls, module, kwargs, ("weight",))
         eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
-        if eps is None or not hasattr(module, "weight"):
-            raise TypeError(f"{type(module).__name__} has no weight/variance_epsilon to take")
+        if eps is None:
+            raise TypeError(f"{type(module).__name__} has no variance_epsilon/eps to take")
         return cls(take(module.weight, device), float(eps))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
