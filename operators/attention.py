@@ -20,7 +20,13 @@ from torch import nn
 
 from ktinject.cache import AttentionContext, LayerSpec, current_context
 from ktinject.errors import RuleError
-from operators.base import Operator, check_source, concat_rows, take
+from operators.base import (
+    Operator,
+    check_source,
+    concat_rows,
+    fuse_keys_on_load,
+    take,
+)
 from operators.triton.decode_attention import decode_attention_reference
 from operators.triton.fused import rope, use_triton, write_kv, write_kv_reference
 
@@ -66,7 +72,7 @@ class StaticCacheAttention(Operator):
         self.clip_qkv = clip_qkv
         self.is_causal = True
         self.split = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
-        self.register_load_state_dict_pre_hook(_fuse_qkv)
+        fuse_keys_on_load(self, ("q_proj", "k_proj", "v_proj"), "qkv")
 
     @classmethod
     def from_module(
@@ -263,11 +269,3 @@ def chunk_attention(
         scale=scale,
         enable_gqa=enable_gqa,
     )
-
-
-def _fuse_qkv(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Accept the original `q_proj/k_proj/v_proj` keys and fuse them on load."""
-    for kind, target in (("weight", "qkv_weight"), ("bias", "qkv_bias")):
-        keys = [f"{prefix}{p}_proj.{kind}" for p in "qkv"]
-        if all(key in state_dict for key in keys):
-            state_dict[f"{prefix}{target}"] = torch.cat([state_dict.pop(key) for key in keys])

@@ -46,6 +46,20 @@ def concat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach() for t in tensors], dim=0)
 
 
+def fuse_keys_on_load(module: nn.Module, sources: tuple[str, ...], target: str) -> None:
+    """Let `module` load checkpoints written for the module it replaced: the `<source>.weight` /
+    `.bias` keys are concatenated (in order) into its `<target>_weight` / `<target>_bias`."""
+
+    def hook(_: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{source}.{kind}" for source in sources]
+            if all(key in state_dict for key in keys):
+                fused = torch.cat([state_dict.pop(key) for key in keys])
+                state_dict[f"{prefix}{target}_{kind}"] = fused
+
+    module.register_load_state_dict_pre_hook(hook)
+
+
 def take(tensor: torch.Tensor, device: torch.device | None) -> nn.Parameter:
     """Wrap `tensor` as a frozen parameter on `device` (meta tensors stay on meta until loaded)."""
     if device is not None and not tensor.is_meta:

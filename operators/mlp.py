@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from operators.base import Operator, check_source, concat_rows, take
+from operators.base import Operator, check_source, concat_rows, fuse_keys_on_load, take
 from operators.triton.fused import silu_mul, use_triton
 
 SILU_CLASSES = ("SiLU", "SiLUActivation")
@@ -37,7 +37,7 @@ class FusedGatedMLP(Operator):
         self.act_fn = act_fn
         # SiLU and the product run as one kernel on GPU; other activations keep act_fn(gate) * up
         self.fused_silu = type(act_fn).__name__ in SILU_CLASSES
-        self.register_load_state_dict_pre_hook(_fuse_gate_up)
+        fuse_keys_on_load(self, ("gate_proj", "up_proj"), "gate_up")
 
     @classmethod
     def from_module(
@@ -66,13 +66,3 @@ class FusedGatedMLP(Operator):
             return self.down_proj(silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
-
-
-def _fuse_gate_up(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Accept `gate_proj.*` / `up_proj.*` keys of the original module and fuse them on load."""
-    for kind, target in (("weight", "gate_up_weight"), ("bias", "gate_up_bias")):
-        gate_key, up_key = f"{prefix}gate_proj.{kind}", f"{prefix}up_proj.{kind}"
-        if gate_key in state_dict and up_key in state_dict:
-            state_dict[f"{prefix}{target}"] = torch.cat(
-                [state_dict.pop(gate_key), state_dict.pop(up_key)], dim=0
-            )
