@@ -274,6 +274,15 @@ def _check_keys(mapping: Mapping[str, Any], allowed: Sequence[str], where: str, 
 
 
 def _resolve_vars(body: Any, variables: dict[str, Any], where: str) -> Any:
+    """Substitute `${var}`. omegaconf resolvers (`${oc.env:HOME}`, ...) are refused: a rule file
+    names modules and operators, it has no business reading the environment."""
+    for text in (yaml.safe_dump(body), yaml.safe_dump(variables)):
+        calls = [name for name in VAR_PATTERN.findall(text) if ":" in name]
+        if calls:
+            raise RuleError(
+                f"{where}: ${{{calls[0]}}} calls a resolver; rule files allow only ${{var}} "
+                f"interpolation of their vars: (set values with --set instead)."
+            )
     try:
         node = OmegaConf.create({**variables, "__rule__": body})
         return OmegaConf.to_container(node["__rule__"], resolve=True)  # only what it uses
