@@ -745,10 +745,7 @@ def test_a_chain_of_extends_is_followed_to_its_end(tmp_path: Path) -> None:
     ]
 
 
-def test_resolvers_such_as_environment_lookups_are_refused(tmp_path) -> None:
-    from ktinject.errors import RuleError
-    from ktinject.rules import load_rules
-
+def test_resolvers_such_as_environment_lookups_are_refused() -> None:
     document = {"rules": [{"match": {"name": "${oc.env:HOME}"}, "replace": {"class": "default"}}]}
     with pytest.raises(RuleError, match=r"oc\.env:HOME.*calls a resolver"):
         load_rules(document)
