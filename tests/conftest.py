@@ -17,6 +17,11 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_models.py
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# No per-example deadlines: a loaded 2-core CI machine must not turn timing into test failures.
+settings.register_profile("ktinject", deadline=None)
+settings.load_profile("ktinject")
 
 GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device")
