@@ -30,6 +30,18 @@ RULE_KEYS = ("match", "replace", "recursive")
 MATCH_KEYS = ("name", "class")
 REPLACE_KEYS = ("class", "device", "kwargs")
 VAR_PATTERN = re.compile(r"\$\{([^}]+)\}")
+
+
+class RuleLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but `1e-5` is a float as in YAML 1.2 (YAML 1.1 wants `1.0e-5` and
+    would hand an operator the string "1e-5")."""
+
+
+RuleLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 GENERATE_DEVICE_KEY = "replace.kwargs.generate_device"
 
 
@@ -125,7 +137,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise RuleError(f"--set {text!r} is not of the form key=value (e.g. --set gpu=cuda:1).")
     try:
-        parsed = yaml.safe_load(value) if value else ""
+        parsed = yaml.load(value, Loader=RuleLoader) if value else ""
     except (yaml.YAMLError, ValueError, TypeError, AttributeError):  # e.g. `x=!!float abc`
         parsed = value
     if not isinstance(parsed, str | int | float | bool | list | dict | None):
@@ -196,8 +208,8 @@ def _read_chain(
     except OSError as exc:
         raise RuleError(f"Rule file {str(path)!r} cannot be read: {exc.strerror}.") from None
     try:
-        document = yaml.safe_load(text)
-        lines = _rule_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+        document = yaml.load(text, Loader=RuleLoader)
+        lines = _rule_lines(yaml.compose(text, Loader=RuleLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""

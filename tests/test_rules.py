@@ -755,3 +755,14 @@ def test_resolvers_such_as_environment_lookups_are_refused() -> None:
     }
     with pytest.raises(RuleError, match="calls a resolver"):
         load_rules(hidden)
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e-5", 1e-5), ("2E3", 2000.0), (".5e1", 5.0)])
+def test_exponent_floats_are_floats_in_rules_and_overrides(
+    tmp_path: Path, text: str, value: float
+) -> None:
+    """YAML 1.1 (PyYAML's default) would keep `1e-5` a string and hand it to an operator."""
+    assert parse_override(f"eps={text}") == ("eps", value)
+    rule_file = tmp_path / "floats.yaml"
+    rule_file.write_text(f"vars: {{eps: {text}}}\nrules: []\n")
+    assert load_rules(rule_file).variables == {"eps": value}
