@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import init_empty_weights
+from external_operators import ScaleBy, Wrapped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_config, tiny_model
@@ -45,32 +46,6 @@ NORMS = [
     ),
     "model.norm",
 ]
-
-
-class ScaleBy(nn.Module):
-    """An operator from outside the allow-list, importable as `test_inject.ScaleBy`."""
-
-    def __init__(self, factor: float = 2.0) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
-
-
-class Wrapped(nn.Module):
-    """An operator that keeps the module it replaces as a child (`test_inject.Wrapped`)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    @classmethod
-    def from_module(cls, module: nn.Module, **_: object) -> Wrapped:
-        return cls(module)
-
-    def forward(self, *args: object, **kwargs: object) -> object:
-        return self.inner(*args, **kwargs)
 
 
 class MyRMSNorm(LlamaRMSNorm):
@@ -201,7 +176,7 @@ def test_recursive_true_descends_into_the_new_modules_children(llama: nn.Module)
 def test_an_operator_keeping_its_original_as_a_child_is_not_wrapped_again(
     llama: nn.Module,
 ) -> None:
-    rules = [rule(r"mlp$", "test_inject.Wrapped")]
+    rules = [rule(r"mlp$", "external_operators.Wrapped")]
 
     model, report = optimize(llama, rules, allow_external_operators=True)
 
@@ -462,7 +437,7 @@ def test_an_operator_that_cannot_be_built_is_one_sentence(llama, bad, fragments)
 
 
 def test_an_external_operator_is_used_when_allowed(llama: nn.Module) -> None:
-    rules = [rule(r"^lm_head$", f"{__name__}.ScaleBy", kwargs={"factor": 3.0})]
+    rules = [rule(r"^lm_head$", "external_operators.ScaleBy", kwargs={"factor": 3.0})]
     with pytest.raises(RuleError):
         optimize(tiny_model("llama"), rules)
 

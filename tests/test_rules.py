@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from external_operators import ScaleBy
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -32,18 +33,7 @@ from ktinject.rules import (
 MISSING_CUDA = f"cuda:{torch.cuda.device_count() + 3}"
 
 
-class ScaleBy(nn.Module):
-    """An operator outside the allow-listed packages, importable as `test_rules.ScaleBy`."""
-
-    def __init__(self, factor: float = 2.0) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
-
-
-EXTERNAL_OPERATOR = f"{__name__}.ScaleBy"
+EXTERNAL_OPERATOR = "external_operators.ScaleBy"
 
 
 def write(directory: Path, name: str, text: str) -> Path:
