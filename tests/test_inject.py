@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import init_empty_weights
+from assertions import one_sentence
 from external_operators import ScaleBy, Wrapped
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from ktinject.errors import DeviceError, KtinjectError, RuleError, UnmatchedRuleError
+from ktinject.errors import DeviceError, RuleError, UnmatchedRuleError
 from ktinject.inject import (
     InjectionReport,
     Replacement,
@@ -56,14 +57,6 @@ def write(directory: Path, name: str, text: str) -> Path:
     path = directory / name
     path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
     return path
-
-
-def one_sentence(error: BaseException, *fragments: str) -> None:
-    message = str(error)
-    assert isinstance(error, KtinjectError)
-    assert "\n" not in message, f"multi-line message: {message!r}"
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
 def rule(name: str | None = None, cls: str = "default", *, of: str | None = None, **rest) -> dict:

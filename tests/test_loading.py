@@ -14,6 +14,7 @@ import gguf
 import pytest
 import torch
 import transformers
+from assertions import one_sentence
 from tiny_models import tiny_model
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -37,14 +38,6 @@ from ktinject.rules import builtin_rules_dir
 from operators.mlp import FusedGatedMLP
 
 MISSING_CUDA = f"cuda:{torch.cuda.device_count() + 3}"
-
-
-def one_sentence(error: BaseException, *fragments: str) -> None:
-    message = str(error)
-    assert isinstance(error, KtinjectError)
-    assert "\n" not in message, f"multi-line message: {message!r}"
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
 def write_gguf(path: Path, architecture: str) -> Path:

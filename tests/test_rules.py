@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from assertions import one_sentence
 from external_operators import ScaleBy
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from ktinject.errors import DeviceError, KtinjectError, RuleError
+from ktinject.errors import DeviceError, RuleError
 from ktinject.rules import (
     RuleSet,
     builtin_rules_dir,
@@ -47,17 +48,6 @@ def line_of(path: Path, marker: str, occurrence: int = 0) -> int:
     """1-based line of the `occurrence`-th line of `path` containing `marker`."""
     lines = [i + 1 for i, text in enumerate(path.read_text().splitlines()) if marker in text]
     return lines[occurrence]
-
-
-def one_sentence(error: BaseException, *fragments: str) -> str:
-    """The error's message, checked to be a single line that contains every fragment."""
-    message = str(error)
-    assert isinstance(error, KtinjectError), f"{type(error).__name__} is not a KtinjectError"
-    assert "\n" not in message, f"multi-line message: {message!r}"
-    assert "Traceback" not in message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return message
 
 
 def rule(name: str | None = None, cls: str = "default", **extra: object) -> dict:
