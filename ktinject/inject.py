@@ -101,12 +101,14 @@ def _visit(
     config: Any,
     report: InjectionReport,
     used: set[int],
-    acted_on: set[int] | None = None,
+    acted_on: dict[int, nn.Module] | None = None,
 ) -> None:
     """Replace matching children of `parent`, depth first. `acted_on` holds the modules a rule
     already handled, so an operator that keeps its original module as a child is not matched
-    (and wrapped) again by the same rule when recursing."""
-    acted_on = set() if acted_on is None else acted_on
+    (and wrapped) again by the same rule when recursing. It keeps them alive too: an id is only
+    unique while its object lives, and a module built during the walk could otherwise take the
+    id of a replaced one (seen: fused q/k/v linears skipped by the rule meant for them)."""
+    acted_on = {} if acted_on is None else acted_on
     for child_name, child in list(parent.named_children()):
         name = f"{prefix}.{child_name}" if prefix else child_name
         if id(child) in acted_on:
@@ -120,7 +122,7 @@ def _visit(
             continue
         rule = rules[hits[0]]
         new = _build(rule, child, name, config)
-        acted_on.update((id(child), id(new)))
+        acted_on.update({id(child): child, id(new): new})
         if new is not child:
             setattr(parent, child_name, new)
         report.replacements.append(
