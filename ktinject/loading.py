@@ -336,9 +336,13 @@ def load_weights(model: nn.Module, hf_dir: Path, dtype: torch.dtype, *, progress
                 tensor = handle.get_tensor(key)
                 state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
                 bar.update()
+    fed = _feed_tied_operators(model, state)
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    for target in fed:  # tie_weights re-attached the shared weight; the operator has its own
+        owner, _, attribute = target.rpartition(".")
+        model.get_submodule(owner)._parameters.pop(attribute, None)
+    missing = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if missing:
         raise ModelSourceError(
             f"{hf_dir}: {len(missing)} weight(s) missing from the checkpoint, e.g. "
@@ -351,3 +355,17 @@ def load_weights(model: nn.Module, hf_dir: Path, dtype: torch.dtype, *, progress
                 f"{hf_dir}: checkpoint has {len(unexpected)} weight(s) the model does not use, "
                 f"e.g. {unexpected[0]!r}; the directory does not match its config.json."
             )
+
+
+def _feed_tied_operators(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """A tied weight (e.g. `lm_head.weight` = `model.embed_tokens.weight`) is stored once. When an
+    operator replaced the module that shares it and converts its weight as it loads (say, a
+    block-quantized head), give it the shared tensor under its own key; return those keys."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    parameters = dict(model.named_parameters())
+    fed = []
+    for target, source in tied.items():
+        if target not in state and source in state and target not in parameters:
+            state[target] = state[source]
+            fed.append(target)
+    return fed

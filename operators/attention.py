@@ -20,13 +20,8 @@ from torch import nn
 
 from ktinject.cache import AttentionContext, LayerSpec, current_context
 from ktinject.errors import RuleError
-from operators.base import (
-    Operator,
-    check_source,
-    concat_rows,
-    fuse_keys_on_load,
-    take,
-)
+from operators.base import Operator, check_source, fuse_keys_on_load, fused_linear
+from operators.linear import linear_dtype_device
 from operators.triton.decode_attention import decode_attention_reference
 from operators.triton.fused import rope, use_triton, write_kv, write_kv_reference
 
@@ -40,8 +35,7 @@ class StaticCacheAttention(Operator):
     def __init__(
         self,
         *,
-        qkv_weight: nn.Parameter,
-        qkv_bias: nn.Parameter | None,
+        qkv: nn.Module,
         o_proj: nn.Module,
         q_norm: nn.Module | None,
         k_norm: nn.Module | None,
@@ -54,8 +48,7 @@ class StaticCacheAttention(Operator):
         clip_qkv: float | None = None,
     ) -> None:
         super().__init__()
-        self.qkv_weight = qkv_weight
-        self.qkv_bias = qkv_bias
+        self.qkv = qkv
         self.o_proj = o_proj
         self.q_norm = q_norm
         self.k_norm = k_norm
@@ -94,9 +87,7 @@ class StaticCacheAttention(Operator):
                 f"Hugging Face attention)."
             )
         head_dim = module.head_dim
-        q, k, v = module.q_proj, module.k_proj, module.v_proj
-        weight = concat_rows([q.weight, k.weight, v.weight])
-        bias = concat_rows([q.bias, k.bias, v.bias]) if q.bias is not None else None
+        q, k = module.q_proj, module.k_proj
         o_proj = module.o_proj
         if device is not None and not o_proj.weight.is_meta:
             o_proj = o_proj.to(device)
@@ -107,8 +98,7 @@ class StaticCacheAttention(Operator):
         if device is not None and q_norm is not None and not q_norm.weight.is_meta:
             q_norm, k_norm = q_norm.to(device), k_norm.to(device)
         return cls(
-            qkv_weight=take(weight, device),
-            qkv_bias=take(bias, device) if bias is not None else None,
+            qkv=fused_linear([q, k, module.v_proj], device),
             o_proj=o_proj,
             q_norm=q_norm,
             k_norm=k_norm,
@@ -123,12 +113,13 @@ class StaticCacheAttention(Operator):
 
     def cache_spec(self) -> LayerSpec:
         """What the engine allocates for this layer."""
+        dtype, device = linear_dtype_device(self.qkv)
         return LayerSpec(
             kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
             value_dim=self.head_dim,
-            dtype=self.qkv_weight.dtype,
-            device=self.qkv_weight.device,
+            dtype=dtype,
+            device=device,
         )
 
     def forward(
@@ -140,7 +131,7 @@ class StaticCacheAttention(Operator):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         batch, length, _ = hidden_states.shape
-        q, k, v = F.linear(hidden_states, self.qkv_weight, self.qkv_bias).split(self.split, dim=-1)
+        q, k, v = self.qkv(hidden_states).split(self.split, dim=-1)
         if self.q_norm is not None and not self.norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -213,7 +204,7 @@ class StaticCacheAttention(Operator):
             )
         else:
             out = decode_attention_reference(
-                q[:, :, 0], k_cache, v_cache, rows, context.seq_lens, self.scaling
+                q[:, :, 0], k_cache, v_cache, rows, context.seq_lens, self.scaling, context.max_len
             )
         return out[:, None]
 

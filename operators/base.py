@@ -46,16 +46,28 @@ def concat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach() for t in tensors], dim=0)
 
 
+def fused_linear(parts: list[nn.Linear], device: torch.device | None) -> nn.Linear:
+    """One `nn.Linear` computing `parts` side by side (their rows stacked), e.g. q/k/v. A plain
+    child module, so a rule can still replace it (say, with a block-quantized linear)."""
+    weight = concat_rows([part.weight for part in parts])
+    has_bias = parts[0].bias is not None
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    layer.weight = take(weight, device)
+    if has_bias:
+        layer.bias = take(concat_rows([part.bias for part in parts]), device)
+    return layer
+
+
 def fuse_keys_on_load(module: nn.Module, sources: tuple[str, ...], target: str) -> None:
     """Let `module` load checkpoints written for the module it replaced: the `<source>.weight` /
-    `.bias` keys are concatenated (in order) into its `<target>_weight` / `<target>_bias`."""
+    `.bias` keys are concatenated (in order) into its `<target>.weight` / `<target>.bias`."""
 
     def hook(_: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         for kind in ("weight", "bias"):
             keys = [f"{prefix}{source}.{kind}" for source in sources]
             if all(key in state_dict for key in keys):
                 fused = torch.cat([state_dict.pop(key) for key in keys])
-                state_dict[f"{prefix}{target}_{kind}"] = fused
+                state_dict[f"{prefix}{target}.{kind}"] = fused
 
     module.register_load_state_dict_pre_hook(hook)
 

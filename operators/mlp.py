@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import Any, Self
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from operators.base import Operator, check_source, concat_rows, fuse_keys_on_load, take
+from operators.base import Operator, check_source, fuse_keys_on_load, fused_linear
 from operators.triton.fused import silu_mul, use_triton
 
 SILU_CLASSES = ("SiLU", "SiLUActivation")
@@ -22,17 +21,9 @@ class FusedGatedMLP(Operator):
     """Drop-in for modules with `gate_proj`, `up_proj`, `down_proj` and `act_fn`
     (Llama, Qwen2/3, Mistral, DeepSeek dense MLPs). Loads checkpoints with the original keys."""
 
-    def __init__(
-        self,
-        gate_up_weight: nn.Parameter,
-        gate_up_bias: nn.Parameter | None,
-        down_proj: nn.Linear,
-        act_fn: nn.Module,
-    ) -> None:
+    def __init__(self, gate_up: nn.Module, down_proj: nn.Module, act_fn: nn.Module) -> None:
         super().__init__()
-        self.intermediate_size = gate_up_weight.shape[0] // 2
-        self.gate_up_weight = gate_up_weight
-        self.gate_up_bias = gate_up_bias
+        self.gate_up = gate_up
         self.down_proj = down_proj
         self.act_fn = act_fn
         # SiLU and the product run as one kernel on GPU; other activations keep act_fn(gate) * up
@@ -50,18 +41,14 @@ class FusedGatedMLP(Operator):
         **kwargs: Any,
     ) -> Self:
         check_source(cls, module, kwargs, ("gate_proj", "up_proj", "down_proj", "act_fn"))
-        gate, up = module.gate_proj, module.up_proj
-        weight = concat_rows([gate.weight, up.weight])
-        bias = None
-        if gate.bias is not None:
-            bias = take(concat_rows([gate.bias, up.bias]), device)
+        gate_up = fused_linear([module.gate_proj, module.up_proj], device)
         down = module.down_proj
         if device is not None and not down.weight.is_meta:
             down = down.to(device)
-        return cls(take(weight, device), bias, down, module.act_fn)
+        return cls(gate_up, down, module.act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        gate_up = self.gate_up(x)
         if self.fused_silu and use_triton(gate_up):
             return self.down_proj(silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)

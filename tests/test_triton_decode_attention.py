@@ -82,12 +82,14 @@ def naive_oracle(q, k_cache, v_cache, slots, seq_lens, scale):
 
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2), (4, 1)])
 @pytest.mark.parametrize("len_dtype", [torch.int32, torch.int64])
-def test_reference_matches_naive_loop(Hq, Hkv, len_dtype):
+@pytest.mark.parametrize("max_len", [None, 24, 30], ids=["host-read", "bound", "loose-bound"])
+def test_reference_matches_naive_loop(Hq, Hkv, len_dtype, max_len):
+    """`max_len` (a bound the caller knows without reading seq_lens) never changes the result."""
     L, D = 24, 16
     seq_lens = torch.tensor([1, 9, L], dtype=len_dtype)
     q, k, v, slots, lens = make_case(3, Hq, Hkv, L, D, seq_lens, S=5)
     scale = D**-0.5
-    out = decode_attention_reference(q, k, v, slots, lens, scale)
+    out = decode_attention_reference(q, k, v, slots, lens, scale, max_len)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     torch.testing.assert_close(

@@ -57,6 +57,7 @@ def decode_attention_reference(
     slots: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """Single-token decode attention over a static KV cache, in plain torch.
 
@@ -68,13 +69,17 @@ def decode_attention_reference(
         seq_lens: ``[B]`` int32/int64 tensor, the number of valid positions (``>= 1``) of that
             slot.  Positions ``>= seq_lens[b]`` never influence the result, even if they hold NaN.
         scale: softmax scale applied to ``q . k`` (usually ``D ** -0.5``).
+        max_len: a bound on ``seq_lens`` known without reading it (the engine's compiled CPU
+            decode passes the longest row's length as a symbolic size): only that many cache
+            positions are read.
 
     Query head ``h`` uses kv head ``h // (Hq // Hkv)`` (grouped-query attention).  The math runs
     in fp32 and the result is returned as ``[B, Hq, D]`` in ``q``'s dtype.
 
-    Off CUDA the gathered cache is trimmed to ``max(seq_lens)`` positions, which reads that value
-    on the host; on CUDA nothing is read on the host (the full ``L`` is gathered and masked), so
-    the function stays capturable there too, just slower than :func:`decode_attention`.
+    Without ``max_len``, off CUDA the gathered cache is trimmed to ``max(seq_lens)`` positions,
+    which reads that value on the host; on CUDA nothing is read on the host (the full ``L`` is
+    gathered and masked), so the function stays capturable there too, just slower than
+    :func:`decode_attention`.
     """
     _check_inputs(q, k_cache, v_cache, slots, seq_lens)
     B, Hq, D = q.shape
@@ -84,12 +89,16 @@ def decode_attention_reference(
         return q.new_empty((0, Hq, D))
 
     lens = seq_lens.to(device=q.device, dtype=torch.long)
-    if q.device.type != "cuda":
+    if max_len is not None:
+        k_cache, v_cache = k_cache[:, :, :max_len], v_cache[:, :, :max_len]
+    elif q.device.type != "cuda":
         # A host read is harmless off-GPU and saves gathering the unused tail of the cache.
-        L = max(1, min(L, int(lens.max())))
+        n = max(1, int(lens.max()))
+        k_cache, v_cache = k_cache[:, :, :n], v_cache[:, :, :n]
+    L = k_cache.shape[2]
     slot_idx = slots.to(device=q.device, dtype=torch.long)
-    keys = k_cache[:, :, :L][slot_idx]  # [B, Hkv, L, D]
-    values = v_cache[:, :, :L][slot_idx]
+    keys = k_cache[slot_idx]  # [B, Hkv, L, D]
+    values = v_cache[slot_idx]
 
     valid = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L]
     valid_kv = valid[:, None, :, None]

@@ -1,0 +1,209 @@
+"""Block-quantized linear layers (operators/linear.py) and the llama-cpu-q4 rule file.
+
+The oracle for the operator is `F.linear` with the dequantized weight; for the rule file it is the
+unpatched Hugging Face model holding the same (block-representable) weights. Weights that came
+from a GGUF block format must be recovered bit for bit, checked against gguf's own quantizer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from assertions import one_sentence
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+from hypothesis import given
+from hypothesis import strategies as st
+from test_equivalence import assert_logits_close, engine_greedy, hf_greedy
+from tiny_models import tiny_model
+from torch import nn
+
+from ktinject import optimize
+from ktinject.engine import Engine
+from ktinject.errors import RuleError
+from operators.linear import (
+    FORMATS,
+    BlockQuantLinear,
+    dequantize,
+    quantize_blocks,
+)
+
+GGUF_TYPES = {"q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
+PROMPT = [1, 5, 9, 13, 17, 3, 7, 11, 19, 23, 29]
+
+
+def gguf_roundtrip(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """What transformers' GGUF loader hands us for a weight stored in `fmt`: gguf's dequantized
+    float32 values."""
+    kind = GGUF_TYPES[fmt]
+    raw = gguf_quantize(weight.numpy(), kind)
+    return torch.from_numpy(np.ascontiguousarray(gguf_dequantize(raw, kind)))
+
+
+def block_representable(model: nn.Module, layers: str = "q4_1", head: str = "q8_0") -> None:
+    """Round every projection of a Llama model through gguf, as a Q4_1 file stores them."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                fmt = head if name == "lm_head" else layers
+                module.weight.copy_(gguf_roundtrip(module.weight, fmt))
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_gguf_blocks_are_recovered_bit_for_bit(fmt: str) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(48, 128) * 0.05
+    weight[3, :32] = 0.25  # a constant block (zero scale)
+    stored = gguf_roundtrip(weight, fmt)
+    packed, scales, mins = quantize_blocks(stored, FORMATS[fmt])
+    assert torch.equal(dequantize(packed, scales, mins, FORMATS[fmt]), stored)
+    # the bytes are gguf's too: scale (and min), then the packed integers, block by block
+    parts = [scales.view(torch.uint8).reshape(48, 4, 2)]
+    if mins is not None:
+        parts.append(mins.view(torch.uint8).reshape(48, 4, 2))
+    parts.append(packed.view(torch.uint8))
+    ours = torch.cat(parts, dim=-1).flatten(1).numpy()
+    assert np.array_equal(ours, gguf_quantize(stored.numpy(), GGUF_TYPES[fmt]))
+
+
+@given(
+    fmt=st.sampled_from(sorted(FORMATS)),
+    rows=st.integers(1, 8),
+    blocks=st.integers(1, 4),
+    scale=st.floats(1e-3, 1e2),
+    seed=st.integers(0, 2**16),
+)
+def test_quantizing_is_idempotent_and_bounded(
+    fmt: str, rows: int, blocks: int, scale: float, seed: int
+) -> None:
+    """Any weight: the dequantized blocks quantize to themselves, and each value moves by at most
+    about half a quantization step."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, 32 * blocks, generator=generator) * scale
+    block_format = FORMATS[fmt]
+    once = dequantize(*quantize_blocks(weight, block_format), block_format)
+    twice = dequantize(*quantize_blocks(once, block_format), block_format)
+    assert torch.equal(once, twice)
+    block = weight.view(rows, blocks, 32)
+    # Q4_1: 16 levels from min to max; Q8_0: 255 levels from -max|w| to max|w|
+    q4 = fmt == "q4_1"
+    step = (block.amax(-1) - block.amin(-1)) / 15 if q4 else block.abs().amax(-1) / 127
+    error = (once - weight).abs().view(rows, blocks, 32).amax(-1)
+    # half a step, plus the float16 rounding of scale and min
+    assert torch.all(error <= step * 0.5 + 2e-3 * block.abs().amax(-1))
+
+
+def quantized(linear: nn.Linear, fmt: str) -> BlockQuantLinear:
+    return BlockQuantLinear.from_module(linear, name="proj", config=None, device=None, format=fmt)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_operator_matches_linear(fmt: str, rows: int) -> None:
+    """1 and 3 rows take the fused GEMV kernel, 9 rows dequantize and multiply."""
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 48, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(gguf_roundtrip(linear.weight, fmt))
+    operator = quantized(linear, fmt)
+    x = torch.randn(rows, 1, 64)
+    expected = F.linear(x, linear.weight, linear.bias)
+    torch.testing.assert_close(operator(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_weight_key_is_quantized_on_load() -> None:
+    torch.manual_seed(2)
+    weight, bias = torch.randn(16, 64), torch.randn(16)
+    with torch.device("meta"):
+        linear = nn.Linear(64, 16)
+    operator = quantized(linear, "q4_1")
+    operator.load_state_dict({"weight": weight, "bias": bias}, assign=True)
+    expected = dequantize(*quantize_blocks(weight, FORMATS["q4_1"]), FORMATS["q4_1"])
+    assert torch.equal(operator.dequantized_weight(), expected)
+    assert torch.equal(operator.bias, bias)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragments"),
+    [
+        ({"format": "q5_k"}, ("'q5_k'", "q4_1", "q8_0", "kwargs")),
+        ({"format": "q4_1", "bits": 4}, ("bits", "kwargs")),
+    ],
+)
+def test_bad_kwargs_are_one_sentence(kwargs: dict, fragments: tuple[str, ...]) -> None:
+    rules = [
+        {
+            "match": {"name": r"^lm_head$"},
+            "replace": {"class": "operators.linear.BlockQuantLinear", "kwargs": kwargs},
+        }
+    ]
+    with pytest.raises(RuleError) as caught:
+        optimize(tiny_model("llama"), {"rules": rules})
+    one_sentence(caught.value, "lm_head", *fragments)
+
+
+def test_input_features_must_fill_whole_blocks() -> None:
+    model = nn.Sequential(nn.Linear(100, 8))
+    rules = [
+        {"match": {"class": "Linear"}, "replace": {"class": "operators.linear.BlockQuantLinear"}}
+    ]
+    with pytest.raises(RuleError) as caught:
+        optimize(model, {"rules": rules})
+    one_sentence(caught.value, "in_features 100", "multiple of the block size 32")
+
+
+@pytest.fixture(scope="module")
+def q4_pair() -> tuple[nn.Module, nn.Module]:
+    """(unpatched tiny Llama with block-representable weights, copy patched with llama-cpu-q4).
+    Six layers: enough modules built during the walk to catch a rule skipping some of them."""
+    reference = tiny_model("llama", num_hidden_layers=6)
+    block_representable(reference)
+    patched, _ = optimize(copy.deepcopy(reference), "llama-cpu-q4", strict=True)
+    return reference, patched
+
+
+def test_rule_file_quantizes_every_projection(q4_pair: tuple[nn.Module, nn.Module]) -> None:
+    _, patched = q4_pair
+    names = [n for n, m in patched.named_modules() if isinstance(m, BlockQuantLinear)]
+    assert len(names) == 6 * 4 + 1
+    assert not [n for n, m in patched.named_modules() if isinstance(m, nn.Linear)]
+    assert patched.lm_head.fmt.name == "q8_0"
+
+
+def test_rule_file_generates_what_hf_does(q4_pair: tuple[nn.Module, nn.Module]) -> None:
+    """Greedy tokens equal; logits within fp32 tolerance (only the summation order differs)."""
+    reference, patched = q4_pair
+    engine = Engine(patched)
+    assert engine_greedy(engine, PROMPT) == hf_greedy(reference, PROMPT)
+    logits, _ = engine.prefill(0, PROMPT, reuse=False)
+    step = engine.decode([0], [int(logits.argmax())])[0]
+    with torch.no_grad():
+        ids = torch.tensor([[*PROMPT, int(logits.argmax())]])
+        expected = reference(ids).logits[0]
+    assert_logits_close(logits, expected[-2])
+    assert_logits_close(step, expected[-1])
+
+
+def test_embedded_model_keeps_its_gguf_weights(smollm2) -> None:
+    """The embedded SmolLM2 is a Q4_1 GGUF (Q8_0 embeddings): llama-cpu-q4 holds exactly the
+    weights the fp32 load holds, and answers with the same greedy tokens."""
+    from ktinject.chat import chat_prompt_ids
+    from ktinject.loading import load
+
+    q4 = load(None, rules="llama-cpu-q4", progress=False)
+    fp32 = dict(smollm2.model.named_modules())  # fused q/k/v and gate/up there too
+    checked = 0
+    for name, module in q4.model.named_modules():
+        if isinstance(module, BlockQuantLinear):
+            assert torch.equal(module.dequantized_weight(), fp32[name].weight), name
+            checked += 1
+    assert checked == 30 * 4 + 1
+    prompt = chat_prompt_ids(smollm2.tokenizer, [{"role": "user", "content": "Name a color."}])
+    assert engine_greedy(Engine(q4.model), prompt, 12) == engine_greedy(
+        Engine(smollm2.model), prompt, 12
+    )
