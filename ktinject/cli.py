@@ -67,6 +67,12 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+COMPILE_HELP = (
+    "CPU: decode through torch.compile (the first run compiles for up to a minute; inductor "
+    "caches the kernels on disk, later runs take seconds)"
+)
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -83,6 +89,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--chunk-size", type=int, default=8192, help="prefill chunk length")
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on GPU")
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def sampling_params(args: argparse.Namespace) -> Any:
@@ -118,9 +125,13 @@ def build_engine(args: argparse.Namespace, loaded: Any) -> Any:
         cache_lens=args.cache_lens,
         chunk_size=args.chunk_size,
         cuda_graph=not args.no_cuda_graph,
+        compile=args.compile,
     )
     if engine.device.type == "cuda" and engine.graph_blocked_by and not args.no_cuda_graph:
         print(f"note: decode runs without CUDA graphs: {engine.graph_blocked_by}", file=sys.stderr)
+    if args.compile and engine.compiled is None:
+        why = "decode is a CUDA graph" if engine.cuda_graph else "the rules give no static cache"
+        print(f"note: --compile has no effect here: {why}", file=sys.stderr)
     return engine
 
 

@@ -39,6 +39,23 @@ def test_run_streams_an_answer_and_a_status_line(smollm2) -> None:
 
 
 @pytest.mark.slow
+def test_run_with_quantized_rules_and_compile_gives_the_same_answer(smollm2) -> None:
+    """The CPU fast path end to end: Q4_1 blocks kept from the GGUF, decode compiled."""
+    question = ("What is the capital of France?", "--max-new-tokens", "12")
+    plain = ktinject("run", *question)
+    fast = ktinject("run", *question, "--rules", "llama-cpu-q4", "--compile")
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout
+
+
+@pytest.mark.slow
+def test_compile_without_a_static_cache_says_it_does_nothing(smollm2) -> None:
+    result = ktinject("run", "Hi", "--rules", "none", "--compile", "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "note: --compile has no effect here: the rules give no static cache" in result.stderr
+
+
+@pytest.mark.slow
 def test_inspect_prints_the_table_and_exits_zero(smollm2) -> None:
     result = ktinject("inspect")
     assert result.returncode == 0, result.stderr

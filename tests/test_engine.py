@@ -96,10 +96,14 @@ def test_reuse_of_identical_prompt_recomputes_at_least_one_token(patched) -> Non
     assert generation.token_ids == first
 
 
-def test_two_slots_decode_together_like_one_at_a_time(patched) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_slots_decode_together_like_one_at_a_time(patched, compiled: bool) -> None:
+    """Rows of different lengths in one step; compiled, the step is one torch.compile graph whose
+    attention reads up to the longest row (a symbolic size) and masks the shorter one."""
     other = [2, 4, 6, 8, 10]
     expected = [greedy(Engine(patched), p, 6) for p in (PROMPT, other)]
-    engine = Engine(patched, cache_lens=64, num_slots=2)
+    engine = Engine(patched, cache_lens=64, num_slots=2, compile=compiled)
+    assert (engine.compiled is not None) == compiled
     logits = [engine.prefill(0, PROMPT)[0], engine.prefill(1, other)[0]]
     tokens = [[int(logit.argmax())] for logit in logits]
     for _ in range(5):
@@ -107,6 +111,16 @@ def test_two_slots_decode_together_like_one_at_a_time(patched) -> None:
         for row in range(2):
             tokens[row].append(int(step[row].argmax()))
     assert tokens == expected
+
+
+def test_compiled_decode_follows_a_growing_local_cache(patched) -> None:
+    """Local mode re-allocates a larger cache for a longer prompt; the compiled step (one graph,
+    the cache length symbolic) keeps giving eager's tokens."""
+    long_prompt = [i % 200 + 1 for i in range(300)]
+    eager, compiled = Engine(patched), Engine(patched, compile=True)
+    for prompt in (PROMPT, long_prompt):
+        assert greedy(compiled, prompt, 6) == greedy(eager, prompt, 6)
+    assert compiled.cache.cache_lens == 512
 
 
 def test_max_new_tokens_finishes_with_length(patched) -> None:

@@ -175,10 +175,14 @@ def test_rule_file_quantizes_every_projection(q4_pair: tuple[nn.Module, nn.Modul
     assert patched.lm_head.fmt.name == "q8_0"
 
 
-def test_rule_file_generates_what_hf_does(q4_pair: tuple[nn.Module, nn.Module]) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_rule_file_generates_what_hf_does(
+    q4_pair: tuple[nn.Module, nn.Module], compiled: bool
+) -> None:
     """Greedy tokens equal; logits within fp32 tolerance (only the summation order differs)."""
     reference, patched = q4_pair
-    engine = Engine(patched)
+    engine = Engine(patched, compile=compiled)
+    assert (engine.compiled is not None) == compiled
     assert engine_greedy(engine, PROMPT) == hf_greedy(reference, PROMPT)
     logits, _ = engine.prefill(0, PROMPT, reuse=False)
     step = engine.decode([0], [int(logits.argmax())])[0]

@@ -66,6 +66,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-cuda-graph", action="store_true", help="ktinject decodes eagerly on GPU"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="ktinject decodes through torch.compile on CPU (compile time counts as its first "
+        "call)",
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ class Settings:
     repeats: int
     baselines: list[str]
     cuda_graph: bool
+    compile: bool
     threads: int | None
 
     @property
@@ -73,6 +74,7 @@ class Settings:
             "baselines": self.baselines,
             "cache_lens": self.cache_lens,
             "cuda_graph": self.cuda_graph,
+            "compile": self.compile,
             "threads": torch.get_num_threads(),
         }
 
@@ -101,6 +103,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         repeats=args.repeats,
         baselines=[BASELINES[name] for name in dict.fromkeys(names)],
         cuda_graph=not args.no_cuda_graph,
+        compile=args.compile,
         threads=args.threads if args.threads is not None else (None if gpu else 2),
     )
     for flag, value, least in (
@@ -279,7 +282,11 @@ def _baselines(models: RandomModels | LoadedModels, settings: Settings) -> list[
 
 def _ktinject(model: Any, settings: Settings) -> Ktinject:
     return Ktinject(
-        model, settings.device, cache_lens=settings.cache_lens, cuda_graph=settings.cuda_graph
+        model,
+        settings.device,
+        cache_lens=settings.cache_lens,
+        cuda_graph=settings.cuda_graph,
+        compile=settings.compile,
     )
 
 

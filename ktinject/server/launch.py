@@ -36,6 +36,7 @@ class ServeOptions:
     strict_context: bool = False
     no_prefix_reuse: bool = False
     no_cuda_graph: bool = False
+    compile: bool = False
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +111,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-cuda-graph", action="store_true", default=None, help="decode eagerly on GPU"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="CPU: decode through torch.compile, compiled at start-up (up to a minute the first "
+        "time; inductor caches the kernels on disk)",
     )
 
 
@@ -186,6 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
         num_slots=options.max_batch_size,
         chunk_size=options.chunk_size,
         cuda_graph=not options.no_cuda_graph,
+        compile=bool(options.compile),
     )
     config = ServeConfig(
         model_name=Path(loaded.source.label).name,
