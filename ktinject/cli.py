@@ -129,9 +129,8 @@ def build_engine(args: argparse.Namespace, loaded: Any) -> Any:
     )
     if engine.device.type == "cuda" and engine.graph_blocked_by and not args.no_cuda_graph:
         print(f"note: decode runs without CUDA graphs: {engine.graph_blocked_by}", file=sys.stderr)
-    if args.compile and engine.compiled is None:
-        why = "decode is a CUDA graph" if engine.cuda_graph else "the rules give no static cache"
-        print(f"note: --compile has no effect here: {why}", file=sys.stderr)
+    if engine.compile_blocked_by:
+        print(f"note: --compile has no effect here: {engine.compile_blocked_by}", file=sys.stderr)
     return engine
 
 

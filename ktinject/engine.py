@@ -119,8 +119,16 @@ class Engine:
         self.capture_s = 0.0
         # CPU decode through torch.compile (the CPU counterpart of the CUDA graph)
         self.compiled: CompiledDecode | None = None
-        if compile and self.static and not self.cuda_graph:
-            self.compiled = CompiledDecode(self)
+        self.compile_blocked_by: str | None = None  # why compile=True has no effect, if so
+        if compile:
+            if self.cuda_graph:
+                self.compile_blocked_by = "decode is a CUDA graph"
+            elif not self.static:
+                self.compile_blocked_by = "the rules give no static cache"
+            else:
+                self.compile_blocked_by = self.graph_blocked_by
+            if self.compile_blocked_by is None:
+                self.compiled = CompiledDecode(self)
         self.eos_ids = _eos_ids(model, tokenizer)
         if cache_lens is not None and self.specs:
             self._allocate(cache_lens)

@@ -30,7 +30,7 @@ from torch import nn
 from operators.base import Operator
 
 BLOCK = 32
-GEMV_ROWS = 4  # at most this many rows take the fused path under torch.compile
+GEMV_ROWS = 4  # at most this many rows take the fused GEMV inside a compiled graph
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,9 @@ class BlockQuantLinear(Operator):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows <= GEMV_ROWS:
+        # Eagerly only single rows take the GEMV kernel: each row count would be a compiled
+        # kernel of its own, and dynamo keeps at most 8 per function.
+        if rows == 1 or (rows <= GEMV_ROWS and torch.compiler.is_compiling()):
             flat = x.reshape(rows, self.in_features).float()
             out = kernel(block_gemv)(flat, self.packed, self.scales, self.mins, self.fmt)
             out = out.to(self.compute_dtype).reshape(*x.shape[:-1], self.out_features)

@@ -29,6 +29,7 @@ from ktinject.errors import RuleError
 from operators.linear import (
     FORMATS,
     BlockQuantLinear,
+    block_gemv,
     dequantize,
     quantize_blocks,
 )
@@ -102,18 +103,32 @@ def quantized(linear: nn.Linear, fmt: str) -> BlockQuantLinear:
     return BlockQuantLinear.from_module(linear, name="proj", config=None, device=None, format=fmt)
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
-@pytest.mark.parametrize("rows", [1, 3, 9])
-def test_operator_matches_linear(fmt: str, rows: int) -> None:
-    """1 and 3 rows take the fused GEMV kernel, 9 rows dequantize and multiply."""
+def block_linear(fmt: str) -> tuple[nn.Linear, BlockQuantLinear]:
     torch.manual_seed(1)
     linear = nn.Linear(64, 48, bias=True)
     with torch.no_grad():
         linear.weight.copy_(gguf_roundtrip(linear.weight, fmt))
-    operator = quantized(linear, fmt)
+    return linear, quantized(linear, fmt)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("rows", [1, 9])
+def test_operator_matches_linear(fmt: str, rows: int) -> None:
+    """One row takes the compiled GEMV kernel; more rows dequantize (compiled) and multiply."""
+    linear, operator = block_linear(fmt)
     x = torch.randn(rows, 1, 64)
     expected = F.linear(x, linear.weight, linear.bias)
     torch.testing.assert_close(operator(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gemv_expression_matches_linear(fmt: str, rows: int) -> None:
+    """The expression a compiled decode step inlines for up to GEMV_ROWS rows (run eagerly)."""
+    linear, operator = block_linear(fmt)
+    x = torch.randn(rows, 64)
+    out = block_gemv(x, operator.packed, operator.scales, operator.mins, operator.fmt)
+    torch.testing.assert_close(out, F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_weight_key_is_quantized_on_load() -> None:
