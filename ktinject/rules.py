@@ -33,14 +33,25 @@ VAR_PATTERN = re.compile(r"\$\{([^}]+)\}")
 
 
 class RuleLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but `1e-5` is a float as in YAML 1.2 (YAML 1.1 wants `1.0e-5` and
-    would hand an operator the string "1e-5")."""
+    """PyYAML's safe loader with YAML 1.2's scalars where 1.1 surprises: `1e-5` is a float (1.1
+    wants `1.0e-5` and would hand an operator the string "1e-5"), and only true/false are
+    booleans (1.1 also turns yes/no/on/off into booleans, so a var set to `off` or `no` would
+    silently become False)."""
 
 
 RuleLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
+)
+RuleLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in RuleLoader.yaml_implicit_resolvers.items()
+}
+RuleLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
 )
 GENERATE_DEVICE_KEY = "replace.kwargs.generate_device"
 

@@ -746,3 +746,25 @@ def test_exponent_floats_are_floats_in_rules_and_overrides(
     rule_file = tmp_path / "floats.yaml"
     rule_file.write_text(f"vars: {{eps: {text}}}\nrules: []\n")
     assert load_rules(rule_file).variables == {"eps": value}
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("true", True), ("False", False), ("off", "off"), ("no", "no"), ("Yes", "Yes"), ("on", "on")],
+)
+def test_only_true_and_false_are_booleans(tmp_path: Path, text: str, value: bool | str) -> None:
+    """YAML 1.1 would turn a var set to `off` or `no` (a device named `on`, ...) into a bool."""
+    assert parse_override(f"flag={text}") == ("flag", value)
+    rule_file = tmp_path / "bools.yaml"
+    rule_file.write_text(f"vars: {{flag: {text}}}\nrules: []\n")
+    assert load_rules(rule_file).variables == {"flag": value}
+
+
+def test_recursive_yes_is_refused_in_one_sentence(tmp_path: Path) -> None:
+    rule_file = tmp_path / "yes.yaml"
+    rule_file.write_text(
+        "rules:\n  - match: {name: x}\n    replace: {class: default}\n    recursive: yes\n"
+    )
+    with pytest.raises(RuleError) as caught:
+        load_rules(rule_file)
+    one_sentence(caught.value, "'recursive' must be true or false", "'yes'")
