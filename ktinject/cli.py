@@ -131,6 +131,10 @@ def build_engine(args: argparse.Namespace, loaded: Any) -> Any:
         print(f"note: decode runs without CUDA graphs: {engine.graph_blocked_by}", file=sys.stderr)
     if engine.compile_blocked_by:
         print(f"note: --compile has no effect here: {engine.compile_blocked_by}", file=sys.stderr)
+    if engine.compiled is not None:  # compile now, so the status line times generation only
+        print("compiling the decode step (torch.compile)...", end="", file=sys.stderr, flush=True)
+        engine.warm_up()
+        print(f" {engine.compiled.compile_s:.1f} s", file=sys.stderr)
     return engine
 
 
