@@ -533,11 +533,11 @@ class _DecodeGraph:
 
 
 def graph_blocker(model: nn.Module) -> str | None:
-    """Why decode of `model` cannot be captured in a CUDA graph, or None. Hugging Face's experts
-    modules cannot be: the eager loop reads the routing on the host, and grouped_mm builds its
-    group offsets from a CPU tensor (measured on an H200, 2026-11-27)."""
+    """Why decode of `model` cannot be captured in a CUDA graph or compiled as one graph, or None.
+    Hugging Face's experts modules cannot be: the eager loop reads the routing on the host, and
+    grouped_mm builds its group offsets from a CPU tensor (measured on an H200, 2026-11-27)."""
     if any(type(m).__name__.endswith("Experts") for m in model.modules()):
-        return "its MoE experts are Hugging Face's, which cannot be captured in a CUDA graph"
+        return "its MoE experts are Hugging Face's, which read the routing on the host"
     return None
 
 

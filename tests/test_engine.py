@@ -226,3 +226,19 @@ def test_decode_before_any_prefill_starts_at_position_zero(patched) -> None:
     logits = engine.decode([0], [PROMPT[0]])
     expected, _ = Engine(patched).prefill(0, PROMPT[:1])
     torch.testing.assert_close(logits[0], expected)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_compiled_decode_of_other_dense_families_matches_eager(arch: str) -> None:
+    """Qwen2 (q/k/v bias) and Qwen3 (per-head q/k norms) through the compiled step."""
+    from ktinject.loading import rules_for
+
+    model, _ = optimize(tiny_model(arch), rules_for(arch), strict=True)
+    assert greedy(Engine(model, compile=True), PROMPT, 8) == greedy(Engine(model), PROMPT, 8)
+
+
+def test_compile_is_refused_with_a_reason_for_hugging_face_experts() -> None:
+    model, _ = optimize(tiny_model("mixtral"), "mixtral", strict=True)
+    engine = Engine(model, compile=True)
+    assert engine.compiled is None
+    assert "MoE experts" in engine.compile_blocked_by
