@@ -536,7 +536,10 @@ def graph_blocker(model: nn.Module) -> str | None:
     """Why decode of `model` cannot be captured in a CUDA graph or compiled as one graph, or None.
     Hugging Face's experts modules cannot be: the eager loop reads the routing on the host, and
     grouped_mm builds its group offsets from a CPU tensor (measured on an H200, 2026-11-27)."""
-    if any(type(m).__name__.endswith("Experts") for m in model.modules()):
+    if any(
+        type(m).__name__.endswith("Experts") and type(m).__module__.startswith("transformers.")
+        for m in model.modules()
+    ):
         return "its MoE experts are Hugging Face's, which read the routing on the host"
     return None
 

@@ -228,9 +228,10 @@ def test_decode_before_any_prefill_starts_at_position_zero(patched) -> None:
     torch.testing.assert_close(logits[0], expected)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_compiled_decode_of_other_dense_families_matches_eager(arch: str) -> None:
-    """Qwen2 (q/k/v bias) and Qwen3 (per-head q/k norms) through the compiled step."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mixtral", "deepseek_v3"])
+def test_compiled_decode_of_other_families_matches_eager(arch: str) -> None:
+    """Qwen2 (q/k/v bias), Qwen3 (per-head q/k norms), Mixtral (gathered experts) and DeepSeek-V3
+    (MLA latent cache, gathered experts) through the compiled step."""
     from ktinject.loading import rules_for
 
     model, _ = optimize(tiny_model(arch), rules_for(arch), strict=True)
@@ -238,7 +239,11 @@ def test_compiled_decode_of_other_dense_families_matches_eager(arch: str) -> Non
 
 
 def test_compile_is_refused_with_a_reason_for_hugging_face_experts() -> None:
-    model, _ = optimize(tiny_model("mixtral"), "mixtral", strict=True)
+    keep_hf_experts = {
+        "extends": "mixtral.yaml",
+        "rules": [{"match": {"name": r"\.experts$"}, "replace": {"class": "default"}}],
+    }
+    model, _ = optimize(tiny_model("mixtral"), keep_hf_experts, strict=True)
     engine = Engine(model, compile=True)
     assert engine.compiled is None
     assert "MoE experts" in engine.compile_blocked_by

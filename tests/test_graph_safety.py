@@ -51,9 +51,10 @@ def gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(module, "use_triton", lambda tensor: True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", *MOE_ARCHITECTURES])
 def test_graph_step_is_sync_free_and_matches_eager_decode(arch: str, gpu_paths) -> None:
-    """Dense models; MoE models keep HF's experts, which the engine never captures (below)."""
+    """Every shipped rule file, MoE ones included (their experts are GatheredExperts; HF's own
+    experts the engine never captures, below)."""
     model, _ = optimize(tiny_model(arch), rules_for(arch), strict=True)
     prompts = {0: [1, 5, 9, 13, 17], 1: [2, 4, 6]}
     engine = Engine(model, cache_lens=32, num_slots=2)
@@ -83,3 +84,9 @@ def test_engine_does_not_capture_hf_experts(arch: str) -> None:
 
 def test_dense_models_are_captured() -> None:
     assert graph_blocker(tiny_model("llama")) is None
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_moe_models_with_shipped_rules_are_captured(arch: str) -> None:
+    model, _ = optimize(tiny_model(arch), rules_for(arch), strict=True)
+    assert graph_blocker(model) is None

@@ -1,0 +1,102 @@
+"""MoE experts that decode without reading the routing on the host.
+
+Hugging Face's fused experts modules (`MixtralExperts`, `Qwen3MoeExperts`, `OlmoeExperts`,
+`DeepseekV3Experts`: weights `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]) loop over the
+experts that received tokens, which needs the routing on the host: a CUDA graph cannot capture
+that, nor can torch.compile trace it as one graph, so MoE models decoded eagerly.
+
+`GatheredExperts` computes a few tokens (decode) by indexing the weights of each token's top-k
+experts on the device: only those experts' weights are read, the shapes depend on nothing but the
+batch, and no value crosses to the host. Many tokens (prefill) take a grouped per-expert loop,
+where a host read is harmless and gathering k expert matrices per token would be wasteful.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+import torch
+from torch import nn
+
+from operators.base import Operator, check_source, take
+
+GATHER_ROWS = 8  # at most this many tokens take the gathered (graph-safe) path
+
+
+class GatheredExperts(Operator):
+    """Drop-in for Hugging Face's fused 3-D experts modules; same forward signature
+    `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`."""
+
+    def __init__(
+        self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, act_fn: nn.Module
+    ) -> None:
+        super().__init__()
+        self.num_experts = gate_up_proj.shape[0]
+        self.intermediate_dim = down_proj.shape[2]
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+        self.act_fn = act_fn
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        name: str,
+        config: Any,
+        device: torch.device | None,
+        **kwargs: Any,
+    ) -> Self:
+        check_source(cls, module, kwargs, ("gate_up_proj", "down_proj", "act_fn"))
+        gate_up, down = module.gate_up_proj, module.down_proj
+        if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[1] != 2 * down.shape[2]:
+            raise TypeError(
+                f"{type(module).__name__} does not hold gate_up_proj [E, 2I, H] and "
+                f"down_proj [E, H, I] (got {tuple(gate_up.shape)} and {tuple(down.shape)})"
+            )
+        return cls(take(gate_up, device), take(down, device), module.act_fn)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        if hidden_states.shape[0] <= GATHER_ROWS:
+            return self._gathered(hidden_states, top_k_index, top_k_weights)
+        return self._grouped(hidden_states, top_k_index, top_k_weights)
+
+    def _gathered(
+        self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Each token through its own k experts, as batched matrix-vector products."""
+        gate_up = self.gate_up_proj[index] @ hidden[:, None, :, None]  # [T, k, 2I, 1]
+        gate, up = gate_up[..., 0].chunk(2, dim=-1)
+        inner = self.act_fn(gate) * up  # [T, k, I]
+        out = (self.down_proj[index] @ inner[..., None])[..., 0]  # [T, k, H]
+        return (out * weights[..., None]).sum(1).to(hidden.dtype)
+
+    def _grouped(
+        self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Tokens sorted by expert, one pair of matmuls per expert that received any."""
+        k = index.shape[1]
+        flat = index.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tokens = order // k
+        scale = weights.flatten()[order, None]
+        out = torch.zeros_like(hidden)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows = tokens[start : start + count]
+                gate, up = (hidden[rows] @ self.gate_up_proj[expert].T).chunk(2, dim=-1)
+                result = (self.act_fn(gate) * up) @ self.down_proj[expert].T
+                out.index_add_(0, rows, (result * scale[start : start + count]).to(out.dtype))
+            start += count
+        return out
+
+    def extra_repr(self) -> str:
+        experts, hidden = self.num_experts, self.gate_up_proj.shape[2]
+        return f"experts={experts}, hidden={hidden}, intermediate={self.intermediate_dim}"
