@@ -10,10 +10,11 @@ dequantized values equal the fp32 weights bit for bit (tests/test_linear.py prov
 own quantizer); only the order of the float sums differs from a matmul. Any other weight is
 quantized the way llama.cpp does it (lossy).
 
-Decode wants one pass over the packed bytes: under `torch.compile` (the engine's `--compile`)
-single rows take `block_gemv`, an expression inductor turns into one vectorized loop that unpacks,
-scales and accumulates in registers. Everywhere else the weight is dequantized and multiplied with
-`F.linear` (prefill, eager runs).
+Decode wants one pass over the packed bytes: single rows take `block_gemv`, an expression
+inductor turns into one vectorized loop that unpacks, scales and accumulates in registers. Inside
+the engine's compiled decode step (`--compile`) it fuses with its neighbours; called eagerly it is
+compiled on its own per weight shape. More rows (prefill) dequantize the weight (also a compiled
+kernel) and multiply with `F.linear`.
 """
 
 from __future__ import annotations
