@@ -31,7 +31,7 @@ from torch import nn
 from operators.base import Operator
 
 BLOCK = 32
-GEMV_ROWS = 4  # at most this many rows take the fused GEMV inside a compiled graph
+GEMV_ROWS = 8  # at most this many rows (a decode batch) take the fused GEMV in a compiled graph
 
 
 @dataclass(frozen=True)
