@@ -10,6 +10,7 @@ change a single token. One test serves the embedded SmolLM2.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 import warnings
 from collections.abc import Iterator
@@ -290,6 +291,24 @@ def test_eight_concurrent_streams_equal_their_sequential_outputs(url, tokenizer,
     wait_for_metric(url, "ktinject_kv_slots_in_use", 0)
     batched = metric(url, "ktinject_decode_batch_size_sum") - batches
     assert batched / (metric(url, "ktinject_decode_batch_size_count") - steps) > 2
+
+
+def test_compiled_server_streams_equal_their_sequential_outputs(model, tokenizer, reference):
+    """--compile: the scheduler's thread compiles at start-up; batched answers stay exact."""
+    engine = Engine(
+        model, tokenizer, cache_lens=CACHE_LENS, num_slots=SLOTS, chunk_size=CHUNK, compile=True
+    )
+    prompts = [f"compiled {i}: " + "xyz"[i % 3] * (2 + 3 * i) for i in range(SLOTS)]
+    expected = [reference(chat_prompt_ids(tokenizer, user(p)), 12) for p in prompts]
+    with serving(engine, tokenizer) as base:
+        compiled = openai.OpenAI(base_url=f"{base}/v1", api_key="-", max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(SLOTS) as pool:
+            answers = pool.map(
+                lambda p: chat(compiled, user(p), max_tokens=12).choices[0].message.content,
+                prompts,
+            )
+            assert list(answers) == expected
+    assert engine.compiled is not None and engine.compiled.compile_s > 0
 
 
 def test_disconnected_streams_free_their_slots(url):
