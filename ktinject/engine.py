@@ -18,7 +18,8 @@ loop used by `run`, `chat` and `bench`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -449,8 +450,9 @@ class CompiledDecode:
         # Inductor inlines cheap elementwise producers into their consumers; inlined into a
         # GEMV, a norm's output is recomputed once per output row (measured 2x slower on the
         # SmolLM2 projections). Realizing values read more than once keeps them computed once.
+        self.function = own_copy(decode_forward)
         self.forward = torch.compile(
-            decode_forward, fullgraph=True, options={"realize_reads_threshold": 1}
+            self.function, fullgraph=True, options={"realize_reads_threshold": 1}
         )
 
     def run(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
@@ -481,6 +483,13 @@ class CompiledDecode:
         self.shapes.add(key)
         self.compile_s += time.perf_counter() - started
         return logits
+
+
+def own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs per code object, at most
+    8 (then fullgraph compiles fail): engines for different models in one process (a test run)
+    would otherwise share that budget for `decode_forward`."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
 
 
 def decode_forward(

@@ -113,6 +113,13 @@ def test_two_slots_decode_together_like_one_at_a_time(patched, compiled: bool) -
     assert tokens == expected
 
 
+def test_each_engine_compiles_into_a_cache_of_its_own(patched) -> None:
+    """Dynamo keeps at most 8 graphs per code object; a test run compiles more models than that
+    (seen in CI: a hard failure on the 9th)."""
+    first, second = Engine(patched, compile=True), Engine(patched, compile=True)
+    assert first.compiled.function.__code__ is not second.compiled.function.__code__
+
+
 def test_compiled_decode_follows_a_growing_local_cache(patched) -> None:
     """Local mode re-allocates a larger cache for a longer prompt; the compiled step (one graph,
     the cache length symbolic) keeps giving eager's tokens."""
