@@ -18,8 +18,7 @@ loop used by `run`, `chat` and `bench`.
 from __future__ import annotations
 
 import time
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from ktinject.cache import AttentionContext, StaticKVCache, local_cache_lens, use_context
+from ktinject.compiling import own_copy
 from ktinject.completion import Completion
 from ktinject.errors import ContextLengthError, KtinjectError
 from ktinject.sampling import SamplingParams
@@ -450,7 +450,7 @@ class CompiledDecode:
         # Inductor inlines cheap elementwise producers into their consumers; inlined into a
         # GEMV, a norm's output is recomputed once per output row (measured 2x slower on the
         # SmolLM2 projections). Realizing values read more than once keeps them computed once.
-        self.function = own_copy(decode_forward)
+        self.function = own_copy(decode_forward)  # engines for other models compile apart
         self.forward = torch.compile(
             self.function, fullgraph=True, options={"realize_reads_threshold": 1}
         )
@@ -483,13 +483,6 @@ class CompiledDecode:
         self.shapes.add(key)
         self.compile_s += time.perf_counter() - started
         return logits
-
-
-def own_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` with a code object of its own. Dynamo keeps compiled graphs per code object, at most
-    8 (then fullgraph compiles fail): engines for different models in one process (a test run)
-    would otherwise share that budget for `decode_forward`."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
 
 
 def decode_forward(

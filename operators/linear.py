@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ktinject.compiling import own_copy
 from operators.base import Operator
 
 BLOCK = 32
@@ -126,15 +127,15 @@ def block_gemv(
 
 
 @functools.cache
-def _compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    return torch.compile(fn, dynamic=False)
+def _compiled(fn: Callable[..., torch.Tensor], shape: tuple[Any, ...]) -> Callable[..., Any]:
+    return torch.compile(own_copy(fn), dynamic=False)
 
 
-def kernel(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`fn` compiled on its own (one kernel per weight shape, cached on disk by inductor) when
+def kernel(fn: Callable[..., torch.Tensor], shape: tuple[Any, ...]) -> Callable[..., Any]:
+    """`fn` compiled on its own, one kernel per weight `shape` (cached on disk by inductor), when
     called eagerly; `fn` itself inside a graph being compiled, where it fuses with its
     neighbours. Eagerly, `dequantize` costs 4 ms for a 3072x576 weight, compiled 1 ms."""
-    return fn if torch.compiler.is_compiling() else _compiled(fn)
+    return fn if torch.compiler.is_compiling() else _compiled(fn, shape)
 
 
 class BlockQuantLinear(Operator):
@@ -230,6 +231,11 @@ class BlockQuantLinear(Operator):
             state_dict[f"{prefix}mins"] = mins
 
     @property
+    def shape(self) -> tuple[int, int, str, torch.device]:
+        """What a compiled kernel of this layer is specialised for."""
+        return (self.out_features, self.in_features, self.fmt.name, self.packed.device)
+
+    @property
     def device(self) -> torch.device:
         return self.packed.device
 
@@ -242,10 +248,11 @@ class BlockQuantLinear(Operator):
         # kernel of its own, and dynamo keeps at most 8 per function.
         if rows == 1 or (rows <= GEMV_ROWS and torch.compiler.is_compiling()):
             flat = x.reshape(rows, self.in_features).float()
-            out = kernel(block_gemv)(flat, self.packed, self.scales, self.mins, self.fmt)
+            gemv = kernel(block_gemv, self.shape)
+            out = gemv(flat, self.packed, self.scales, self.mins, self.fmt)
             out = out.to(self.compute_dtype).reshape(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
-        weight = kernel(dequantize)(self.packed, self.scales, self.mins, self.fmt)
+        weight = kernel(dequantize, self.shape)(self.packed, self.scales, self.mins, self.fmt)
         return F.linear(x, weight.to(self.compute_dtype), self.bias)
 
     def extra_repr(self) -> str:
