@@ -435,9 +435,10 @@ class DecodeStep:
 class CompiledDecode:
     """Decode through `torch.compile` (inductor), for CPUs: one compiled graph replaces the ~20
     eager ops per layer and lets operators written for it (e.g. `BlockQuantLinear`) fuse into
-    single passes over their weights. Compiled once per process on first use (`warm_up`), for
-    any batch size and context length: the longest row's length is a symbolic size, so
-    attention reads only the valid part of the cache without a recompile per token.
+    single passes over their weights. Compiled once per engine on first use (`warm_up`): one
+    graph for batch 1 and one for larger batches, each for any context and cache length (the
+    longest row's length is a symbolic size, so attention reads only the valid part of the cache
+    without a recompile per token).
 
     Inductor caches its kernels on disk (`TORCHINDUCTOR_CACHE_DIR`), so later processes compile
     in seconds rather than a minute. `compile_s` adds up the time spent compiling."""
@@ -447,10 +448,10 @@ class CompiledDecode:
         self.compile_s = 0.0
         self.shapes: set[bool] = set()
         self.marked: StaticKVCache | None = None
+        self.function = own_copy(decode_forward)  # engines for other models compile apart
         # Inductor inlines cheap elementwise producers into their consumers; inlined into a
         # GEMV, a norm's output is recomputed once per output row (measured 2x slower on the
         # SmolLM2 projections). Realizing values read more than once keeps them computed once.
-        self.function = own_copy(decode_forward)  # engines for other models compile apart
         self.forward = torch.compile(
             self.function, fullgraph=True, options={"realize_reads_threshold": 1}
         )
