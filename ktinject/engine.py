@@ -368,11 +368,7 @@ class Engine:
             max_len=max(starts) + (len(token_ids) if prefill else 1),
             host_rows=None if prefill else list(zip(slots, starts, strict=True)),
         )
-        with use_context(context):
-            out = self.model(
-                input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1
-            )
-        return out.logits[:, -1]
+        return last_logits(self.model, context, ids, positions)
 
     def _graph(self, batch: int) -> _DecodeGraph:
         graph = self.graphs.get(batch)
@@ -421,15 +417,7 @@ class DecodeStep:
 
     def __call__(self) -> torch.Tensor:
         torch.add(self.positions[:, 0], 1, out=self.seq_lens)
-        with use_context(self.context):
-            out = self.model(
-                input_ids=self.ids,
-                position_ids=self.positions,
-                attention_mask=self.mask,
-                use_cache=False,
-                logits_to_keep=1,
-            )
-        return out.logits[:, -1]
+        return last_logits(self.model, self.context, self.ids, self.positions, self.mask)
 
 
 class CompiledDecode:
@@ -469,12 +457,13 @@ class CompiledDecode:
         torch._dynamo.mark_dynamic(window, 0)
         for tensor in (ids, at, rows):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        inputs = (self.engine.model, cache, rows, ids, at, window)
         key = len(slots) == 1  # batch 1 is a graph of its own; other sizes share one
         if key in self.shapes:
-            return self.forward(self.engine.model, cache, rows, ids, at, window)
+            return self.forward(*inputs)
         started = time.perf_counter()
         try:  # the first call of a kind compiles
-            logits = self.forward(self.engine.model, cache, rows, ids, at, window)
+            logits = self.forward(*inputs)
         except Exception as exc:  # noqa: BLE001 - inductor raises many kinds; all mean the same
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             raise KtinjectError(
@@ -503,11 +492,23 @@ def decode_forward(
         seq_lens=positions[:, 0] + 1,
         max_len=window.shape[0],
     )
+    return last_logits(model, context, ids, positions, placeholder_mask(ids))
+
+
+def last_logits(
+    model: nn.Module,
+    context: AttentionContext,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The model's forward over `ids` at `positions` with `context` visible to the attention
+    operators; returns the last position's logits [B, V] (the only ones computed)."""
     with use_context(context):
         out = model(
             input_ids=ids,
             position_ids=positions,
-            attention_mask=placeholder_mask(ids),
+            attention_mask=mask,
             use_cache=False,
             logits_to_keep=1,
         )

@@ -28,6 +28,7 @@ from torch import nn
 from ktinject.cache import AttentionContext, LayerSpec, current_context
 from operators.attention import chunk_attention
 from operators.base import Operator, check_source
+from operators.triton.fused import write_kv_reference
 
 _SUBMODULES = (
     "q_proj",
@@ -254,8 +255,8 @@ class StaticCacheMLA(Operator):
         first `seq_lens` latents; CUDA-graph safe (no host reads of device values)."""
         latent_cache, rope_cache = context.cache.kv[self.layer_idx]
         rows, positions = context.slots, context.positions[:, 0]
-        latent_cache[rows, :, positions] = latent[:, :, 0]
-        rope_cache[rows, :, positions] = k_pe[:, :, 0]
+        new_latent, new_rope = latent[:, :, 0], k_pe[:, :, 0]
+        write_kv_reference(new_latent, new_rope, latent_cache, rope_cache, rows, positions)
         if context.max_len is not None:  # a host bound (eager decode): read only what can be valid
             latent_cache = latent_cache[:, :, : context.max_len]
             rope_cache = rope_cache[:, :, : context.max_len]
