@@ -39,7 +39,12 @@ class Completion:
 
     def sample(self, logits: torch.Tensor) -> int:
         """Pick the next token from one row of logits [V]."""
-        return int(sample(logits[None], self.params, self.generator)[0])
+        return int(self.sample_on_device(logits)[0])
+
+    def sample_on_device(self, logits: torch.Tensor) -> torch.Tensor:
+        """Pick the next token from one row of logits [V], left on their device as [1] (for
+        `Engine.decode_sampled`, which reads it back while the next step runs)."""
+        return sample(logits[None], self.params, self.generator)
 
     def accept(self, token: int) -> str:
         """Take one sampled token; return the text that may be shown now (maybe empty)."""
@@ -60,3 +65,14 @@ class Completion:
         flushed = self.decoder.flush() if self.decoder else ""
         tail, _ = self.stopper.feed(flushed)
         return tail + self.stopper.flush()
+
+
+def sample_rows(completions: list[Completion], logits: torch.Tensor) -> torch.Tensor:
+    """One token per row of `logits` [B, V] for the request of that row, left on the device [B]:
+    greedy rows take one batched argmax, the others their own settings and seeded generators.
+    Nothing is read back, so a batched decode loop reads all rows at once (or not at all)."""
+    tokens = logits.argmax(dim=-1)
+    for row, completion in enumerate(completions):
+        if not completion.params.greedy:
+            tokens[row] = completion.sample_on_device(logits[row])[0]
+    return tokens

@@ -131,6 +131,10 @@ class Engine:
             if self.compile_blocked_by is None:
                 self.compiled = CompiledDecode(self)
         self.eos_ids = _eos_ids(model, tokenizer)
+        # where decode_sampled reads sampled ids back: pinned, so the copy does not block
+        on_gpu = self.device.type == "cuda"
+        self.readback = torch.zeros(num_slots, dtype=torch.long, pin_memory=on_gpu)
+        self.readback_done = torch.cuda.Event() if on_gpu else None
         if cache_lens is not None and self.specs:
             self._allocate(cache_lens)
 
@@ -218,6 +222,41 @@ class Engine:
                     for s, t in zip(slots, token_ids, strict=True)
                 ]
             )
+        logits = self._decode_static(slots, token_ids)
+        self._record(slots, token_ids)
+        return logits
+
+    @torch.inference_mode()
+    def decode_sampled(
+        self, slots: list[int], sampled: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int]]:
+        """`decode` of tokens sampled on the device [B], without waiting for them: the step is
+        queued first and the ids are read back while it runs. Returns the step's logits [B, V]
+        and the ids it fed, as ints.
+
+        This keeps a GPU busy: the host's per-token work (reading the id, detokenizing, stop
+        checks, launching the next step) overlaps the device's step instead of alternating with
+        it. The price is one step computed for a token that ends a generation; its K/V is as
+        valid as any other and stays cached, so the next turn of a conversation reuses it."""
+        batch = len(slots)
+        readback = self.readback[:batch]
+        readback.copy_(sampled, non_blocking=True)  # ordered before the step on the stream
+        if self.readback_done is not None:
+            self.readback_done.record()
+        if not self.static:  # the dynamic path needs the ids on the host first
+            if self.readback_done is not None:
+                self.readback_done.synchronize()
+            token_ids = readback.tolist()
+            return self.decode(slots, token_ids), token_ids
+        logits = self._decode_static(slots, sampled)
+        if self.readback_done is not None:
+            self.readback_done.synchronize()  # waits for the sampling only, not for the step
+        token_ids = readback.tolist()
+        self._record(slots, token_ids)
+        return logits, token_ids
+
+    def _decode_static(self, slots: list[int], token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Queue one decode step over the static cache and advance the slots' lengths."""
         positions = [self.cached_length(s) for s in slots]
         self.reserve(max(positions), 1)
         if self.cuda_graph:
@@ -226,10 +265,14 @@ class Engine:
             logits = self.compiled.run(slots, token_ids, positions)
         else:
             logits = self._static_forward(slots, token_ids, positions, prefill=False)
-        for s, t in zip(slots, token_ids, strict=True):
+        for s in slots:
             self.cache.lengths[s] += 1
-            self.cache.tokens[s].append(t)
         return logits
+
+    def _record(self, slots: list[int], token_ids: list[int]) -> None:
+        """Remember which ids the last decode step cached (prefix reuse compares them)."""
+        for s, t in zip(slots, token_ids, strict=True):
+            self.cache.tokens[s].append(t)
 
     def reset(self, slot: int) -> None:
         self._truncate(slot, 0)
@@ -282,17 +325,25 @@ class Engine:
         generation.token_ids = completion.token_ids
         started = time.perf_counter()
         logits, stats.cached_tokens = self.prefill(slot, prompt_ids, reuse=reuse)
-        token = completion.sample(logits)
+        sampled = completion.sample_on_device(logits)
+        sampled[0].item()  # time to first token includes its sampling
         stats.prefill_s = time.perf_counter() - started
         decode_started = time.perf_counter()
         while True:
+            # Queue the step that feeds `sampled` before looking at it (see decode_sampled),
+            # unless the length limit makes it the last token anyway.
+            logits = None
+            if len(completion.token_ids) + 1 < params.max_new_tokens:
+                logits, (token,) = self.decode_sampled([slot], sampled)
+            else:
+                token = int(sampled[0])
             text = completion.accept(token)
             stats.generated_tokens = len(completion.token_ids)
             if text:
                 yield text
-            if completion.finish_reason is not None:
+            if completion.finish_reason is not None or logits is None:
                 break
-            token = completion.sample(self.decode([slot], [token])[0])
+            sampled = completion.sample_on_device(logits[0])
         stats.decode_s = time.perf_counter() - decode_started
         stats.finish_reason = completion.finish_reason
 
@@ -345,7 +396,12 @@ class Engine:
         return out.logits[0, -1]
 
     def _static_forward(
-        self, slots: list[int], token_ids: list[int], starts: list[int], *, prefill: bool
+        self,
+        slots: list[int],
+        token_ids: list[int] | torch.Tensor,
+        starts: list[int],
+        *,
+        prefill: bool,
     ) -> torch.Tensor:
         """Eager forward over the static cache. Prefill: one slot, many tokens. Decode: one token
         per slot. Returns last-position logits [B, V]."""
@@ -355,7 +411,7 @@ class Engine:
             positions = torch.arange(starts[0], starts[0] + len(token_ids), device=device)[None]
             seq_lens = torch.tensor([starts[0] + len(token_ids)], device=device, dtype=torch.int32)
         else:
-            ids = torch.tensor(token_ids, device=device)[:, None]
+            ids = decode_ids(token_ids, device)
             positions = torch.tensor(starts, device=device)[:, None]
             seq_lens = (positions[:, 0] + 1).to(torch.int32)
         context = AttentionContext(
@@ -406,14 +462,23 @@ class DecodeStep:
             cache=cache, slots=self.slots, positions=self.positions, seq_lens=self.seq_lens
         )
 
-    def load(self, slots: list[int], token_ids: list[int], positions: list[int]) -> None:
-        """Stage one step's inputs and copy them to the device in one transfer."""
+    def load(
+        self, slots: list[int], token_ids: list[int] | torch.Tensor, positions: list[int]
+    ) -> None:
+        """Stage one step's inputs and copy them to the device in one transfer; ids sampled on
+        the device (a tensor) are copied in place there, never through the host."""
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the staging buffer
-        self.staging.numpy()[:] = (slots, token_ids, positions)
+        on_device = isinstance(token_ids, torch.Tensor)
+        staged = self.staging.numpy()
+        staged[0], staged[2] = slots, positions
+        if not on_device:
+            staged[1] = token_ids
         self.inputs.copy_(self.staging, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
+        if on_device:
+            self.inputs[1].copy_(token_ids)
 
     def __call__(self) -> torch.Tensor:
         torch.add(self.positions[:, 0], 1, out=self.seq_lens)
@@ -444,13 +509,15 @@ class CompiledDecode:
             self.function, fullgraph=True, options={"realize_reads_threshold": 1}
         )
 
-    def run(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def run(
+        self, slots: list[int], token_ids: list[int] | torch.Tensor, positions: list[int]
+    ) -> torch.Tensor:
         device, cache = self.engine.device, self.engine.cache
         if cache is not self.marked:  # local mode grows the cache: one graph for every size
             for buffer in (t for pair in cache.kv.values() for t in pair):
                 torch._dynamo.mark_dynamic(buffer, 2)
             self.marked = cache
-        ids = torch.tensor(token_ids, device=device)[:, None]
+        ids = decode_ids(token_ids, device)
         at = torch.tensor(positions, device=device)[:, None]
         rows = torch.tensor(slots, device=device)
         window = torch.empty(max(positions) + 1, dtype=torch.uint8)  # its length is the bound
@@ -530,7 +597,9 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph, pool=engine.graph_pool):
             self.logits = self.step()
 
-    def run(self, slots: list[int], token_ids: list[int], positions: list[int]) -> torch.Tensor:
+    def run(
+        self, slots: list[int], token_ids: list[int] | torch.Tensor, positions: list[int]
+    ) -> torch.Tensor:
         self.step.load(slots, token_ids, positions)
         self.graph.replay()
         return self.logits
@@ -546,6 +615,12 @@ def graph_blocker(model: nn.Module) -> str | None:
     ):
         return "its MoE experts are Hugging Face's, which read the routing on the host"
     return None
+
+
+def decode_ids(token_ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One decode step's input ids as [B, 1]: built from host ints, or a view of ids already
+    sampled on the device."""
+    return torch.as_tensor(token_ids, device=device).reshape(-1, 1)
 
 
 def placeholder_mask(ids: torch.Tensor) -> torch.Tensor:

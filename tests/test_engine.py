@@ -147,6 +147,45 @@ def test_eos_finishes_with_stop_and_is_not_emitted() -> None:
     assert generation.stats.finish_reason == "stop"
 
 
+def step_by_step(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens through `decode` with host ids: the plain loop `generate` overlaps."""
+    logits, _ = engine.prefill(0, prompt, reuse=False)
+    tokens = [int(logits.argmax())]
+    while len(tokens) < n:
+        tokens.append(int(engine.decode([0], [tokens[-1]])[0].argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_generate_feeds_device_sampled_tokens_like_host_ids(patched, compiled: bool) -> None:
+    """`generate` queues each step with the token still on the device (decode_sampled) and reads
+    it while the step runs; the tokens and the cache are those of the plain loop."""
+    engine = Engine(patched, cache_lens=64, compile=compiled)
+    expected = step_by_step(engine, PROMPT, 6)
+    assert greedy(engine, PROMPT, 6) == expected
+    # the length limit is known ahead: no step is queued for the last token
+    assert engine.cached_length(0) == len(PROMPT) + 5
+    assert engine.cached_tokens(0) == PROMPT + expected[:5]
+
+
+def test_a_token_that_ends_the_generation_stays_cached_and_valid() -> None:
+    """The step queued for the end-of-sequence token before it was read is not wasted: its K/V
+    is cached and counted, so a next turn reuses it and decodes as if it had been prefilled."""
+    model, _ = optimize(tiny_model("llama"), "llama", strict=True)
+    first = greedy(Engine(model), PROMPT, 4)
+    model.generation_config.eos_token_id = first[2]
+    engine = Engine(model, cache_lens=64)
+    assert greedy(engine, PROMPT, 10) == first[:2]
+    assert engine.cached_tokens(0) == PROMPT + first[:3]
+    follow_up = PROMPT + first[:3] + [7, 8]
+    reused = engine.generate(follow_up, SamplingParams(max_new_tokens=4), reuse=True)
+    reused.result()
+    assert reused.stats.cached_tokens == len(follow_up) - 2
+    fresh = Engine(model, cache_lens=64).generate(follow_up, SamplingParams(max_new_tokens=4))
+    fresh.result()
+    assert reused.token_ids == fresh.token_ids
+
+
 def test_seeded_sampling_is_reproducible(patched) -> None:
     params = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, top_k=50, seed=7)
     runs = []

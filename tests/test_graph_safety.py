@@ -74,6 +74,18 @@ def test_graph_step_is_sync_free_and_matches_eager_decode(arch: str, gpu_paths) 
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_step_takes_ids_sampled_on_the_device_like_host_ids() -> None:
+    """`Engine.decode_sampled` hands the step a device tensor: it lands in the same input buffer
+    as host ids do (copied on the device, never read on the host)."""
+    model, _ = optimize(tiny_model("llama"), rules_for("llama"), strict=True)
+    engine = Engine(model, cache_lens=32, num_slots=2)
+    step = DecodeStep(engine, batch=2)
+    step.load([1, 0], [7, 3], [5, 3])
+    from_host = step.inputs.clone()
+    step.load([1, 0], torch.tensor([7, 3]), [5, 3])
+    assert torch.equal(step.inputs, from_host)
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
 def test_engine_does_not_capture_hf_experts(arch: str) -> None:
     """HF's eager experts loop reads routing on the host; its grouped_mm builds offsets from a CPU

@@ -340,7 +340,7 @@ def test_a_failing_request_does_not_take_the_server_down(model, tokenizer, monke
             raise KtinjectError("not today")
 
         with monkeypatch.context() as patch:
-            patch.setattr(engine, "decode", broken)  # after the first token: 500 / error event
+            patch.setattr(engine, "decode_sampled", broken)  # after the first token: 500 / error
             with pytest.raises(openai.InternalServerError, match="boom"):
                 chat(client, user("fail me"), max_tokens=5)
             with pytest.raises(openai.APIError, match="boom"):

@@ -5,7 +5,8 @@
   cache; transformers then compiles the decode step itself (its documented path: a compileable
   cache triggers `torch.compile` with the default `CompileConfig`, mode "reduce-overhead", i.e.
   CUDA graphs). Prefill stays eager, as in transformers.
-- `Ktinject`: the patched model driven by `Engine.prefill` / `Engine.decode`.
+- `Ktinject`: the patched model driven by `Engine.prefill` / `Engine.decode_sampled` (the loop
+  `Engine.generate` runs).
 
 `generate` cannot tell when its first token was ready, so an HF run is two calls: one with
 `max_new_tokens=1` (time to first token) and one with n (the whole generation); decode time is the
@@ -134,18 +135,25 @@ class Ktinject:
                 compile=self.compile,
             )
         logits, _ = self.engine.prefill(0, ids, reuse=False)
-        tokens = [self._greedy(logits[None])]
+        sampled = self._greedy(logits[None])
+        sampled[0].item()
         ttft_s = self.watch.stop()
         self.watch.start()
+        tokens = []  # like Engine.generate: each id is read while the step fed with it runs
         for _ in range(n - 1):
-            tokens.append(self._greedy(self.engine.decode([0], [tokens[-1]])))
+            logits, fed = self.engine.decode_sampled([0], sampled)
+            tokens += fed
+            sampled = self._greedy(logits)
+        tokens.append(int(sampled[0]))
         decode_s = self.watch.stop()
         return Sample(ttft_s=ttft_s, total_s=ttft_s + decode_s, tokens=tokens)
 
-    def _greedy(self, logits: torch.Tensor) -> int:
+    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Argmax of logits [1, V], eos masked like `generate(min_new_tokens=...)`; stays on
+        the device as [1]."""
         if self.eos is not None:
             logits = logits.index_fill(-1, self.eos, float("-inf"))
-        return int(logits[0].argmax())
+        return logits.argmax(dim=-1)
 
 
 def _eos_ids(model: nn.Module) -> list[int]:

@@ -15,7 +15,11 @@ The engine is not thread-safe, so one worker thread owns it. HTTP handlers `subm
    long prompt is spread over several iterations, so running streams keep producing tokens
    (chunks are successive prefixes of the prompt; `engine.prefill` keeps what the slot already
    holds, so each call computes only the new chunk);
-4. decode one token for every request past prefill, all slots in one batched `engine.decode`.
+4. decode one token for every request past prefill, all slots in one batched step. The step is
+   queued with the tokens sampled by the previous one still on the device
+   (`engine.decode_sampled`), and those tokens are read back and streamed while it runs, so the
+   host's per-token work (detokenizing, stop checks, events) overlaps the device's step. A
+   request that ends on such a token has had one extra row computed; its K/V stays cached.
 
 A finished request leaves its prompt and answer in the slot's cache for the next turn. An
 exception is confined to the requests it concerns: their slots are reset and they get a `Failed`
@@ -31,6 +35,9 @@ import threading
 import time
 from collections import deque
 
+import torch
+
+from ktinject.completion import sample_rows
 from ktinject.engine import Engine
 from ktinject.errors import KtinjectError
 from ktinject.server.metrics import ServerMetrics
@@ -52,6 +59,9 @@ class Scheduler:
         self.last_used = [0] * engine.num_slots  # tick of the last release, for LRU
         self.ticks = itertools.count(1)
         self.waiting: deque[Sequence] = deque()
+        # requests whose next input token is sampled but not yet read: row of `self.sampled`
+        self.in_flight: dict[Sequence, int] = {}
+        self.sampled: torch.Tensor | None = None
         self.inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self.stopping = False
         self.ready = threading.Event()
@@ -120,7 +130,7 @@ class Scheduler:
         prefilling = [seq for seq in self.running if seq.prefilling]
         if prefilling:
             self._prefill_chunk(min(prefilling, key=lambda seq: seq.arrived))
-        decoding = [seq for seq in self.running if seq.pending is not None]
+        decoding = [seq for seq in self.running if seq.pending is not None or seq in self.in_flight]
         if decoding:
             self._decode(decoding)
 
@@ -174,17 +184,44 @@ class Scheduler:
 
     def _decode(self, batch: list[Sequence]) -> None:
         self.metrics.decode_batch.observe(len(batch))
+        in_flight, self.in_flight = self.in_flight, {}
         try:
-            logits = self.engine.decode([s.slot for s in batch], [s.pending for s in batch])
+            ids = self._input_ids(batch, in_flight)
+            logits, fed = self.engine.decode_sampled([s.slot for s in batch], ids)
         except Exception as exc:  # cannot tell whose fault: every row of the step fails
             for seq in batch:
                 self._fail(seq, exc)
             return
-        for row, seq in enumerate(batch):
-            try:
-                self._accept(seq, seq.completion.sample(logits[row]))
-            except Exception as exc:
-                self._fail(seq, exc)
+        for seq, token in zip(batch, fed, strict=True):
+            if seq in in_flight:  # read just now; rows from a prefill were accepted then
+                try:
+                    self._accept(seq, token)
+                except Exception as exc:
+                    self._fail(seq, exc)
+        going = [row for row, seq in enumerate(batch) if not seq.finished]
+        if not going:
+            return
+        try:
+            self.sampled = sample_rows([batch[row].completion for row in going], logits[going])
+        except Exception as exc:
+            for row in going:
+                self._fail(batch[row], exc)
+            return
+        for index, row in enumerate(going):
+            batch[row].pending = None
+            self.in_flight[batch[row]] = index
+
+    def _input_ids(self, batch: list[Sequence], in_flight: dict[Sequence, int]) -> torch.Tensor:
+        """The step's input ids on the device: rows sampled by the previous step stay there,
+        rows fresh from prefill (`pending`) come from the host."""
+        rows = [in_flight.get(seq) for seq in batch]
+        if self.sampled is not None and rows == list(range(len(self.sampled))):
+            return self.sampled  # the usual case: the same requests as the previous step
+        ids = torch.tensor([seq.pending or 0 for seq in batch], device=self.engine.device)
+        kept = [index for index, row in enumerate(rows) if row is not None]
+        if kept:
+            ids[kept] = self.sampled[[rows[index] for index in kept]]
+        return ids
 
     def _accept(self, seq: Sequence, token: int) -> None:
         first, before = seq.first_token_at is None, seq.completion_tokens
