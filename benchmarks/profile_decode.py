@@ -2,8 +2,10 @@
 
 For planning speed work, not a benchmark (no baseline): builds a random-weight shape, patches it
 with the family's rule file, prefills a prompt, then profiles `--steps` decode steps (CUDA-graph
-replays on GPU) with torch.profiler and prints
-- wall ms per step (engine.decode, sampling and the host read of the token included),
+replays on GPU) with torch.profiler and prints, for each decode graph the engine can keep
+(separate kernels, norms folded into the projections; `--paths`) and for the one it chooses:
+- wall ms per step, as `Engine.generate` runs it (decode_sampled: the sampled token is fed on
+  the device and read while the next step runs),
 - GPU kernels per step and GPU ms per step,
 - the kernels grouped by name, by total GPU time.
 
@@ -25,10 +27,14 @@ from ktinject.engine import Engine
 from ktinject.loading import DTYPES, rules_for
 
 
-def decode_steps(engine: Engine, token: int, steps: int) -> int:
+def decode_steps(engine: Engine, sampled: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps):
-        token = int(engine.decode([0], [token])[0].argmax())
-    return token
+        logits, _ = engine.decode_sampled([0], sampled)
+        sampled = logits.argmax(dim=-1)
+    return sampled
+
+
+PATHS = {"plain": False, "fused": True, "auto": None}
 
 
 def main() -> None:
@@ -39,30 +45,47 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--paths", default="plain,fused,auto", help="decode graphs to profile")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     model = random_model(args.shape, device, DTYPES[args.dtype], seed=0)
     model, _ = optimize(model, rules_for(model.config.model_type))
-    engine = Engine(model, cache_lens=args.prompt_len + 4 * args.steps + 256)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    for path in args.paths.split(","):
+        engine = Engine(model, cache_lens=args.prompt_len + 4 * args.steps + 256)
+        if PATHS[path] is not None:
+            engine.fused_gemv_choice[1] = PATHS[path]
+        profile_path(engine, path, where, args)
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def profile_path(engine: Engine, path: str, where: str, args: argparse.Namespace) -> None:
     logits, _ = engine.prefill(0, list(range(1, args.prompt_len + 1)))
-    token = decode_steps(engine, int(logits.argmax()), 5)  # capture and warm up
+    sampled = decode_steps(engine, logits.argmax(dim=-1)[None], 5)  # capture and warm up
+    sampled[0].item()
 
     started = time.perf_counter()
-    token = decode_steps(engine, token, args.steps)
+    sampled = decode_steps(engine, sampled, args.steps)
+    sampled[0].item()
     wall_ms = (time.perf_counter() - started) * 1e3 / args.steps
 
+    device = engine.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        decode_steps(engine, token, args.steps)
+        decode_steps(engine, sampled, args.steps)[0].item()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     per_name: dict[str, list[float]] = collections.defaultdict(list)
     for event in kernels:
         per_name[event.name].append(event.device_time)
     gpu_us = sum(sum(times) for times in per_name.values()) / args.steps
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{args.shape} {args.dtype} on {where}")
+    print(
+        f"\n== {args.shape} {args.dtype} on {where}, decode graph: {path} -> kept "
+        f"{engine.fused_gemv_choice or '(no graph)'}, capture {engine.capture_s:.2f} s"
+    )
     print(f"wall {wall_ms:.3f} ms/step ({1e3 / wall_ms:.0f} tok/s); graphs: {engine.cuda_graph}")
     print(f"GPU kernels {len(kernels) / args.steps:.0f}/step, GPU busy {gpu_us / 1e3:.3f} ms/step")
     ranked = sorted(per_name.items(), key=lambda item: -sum(item[1]))

@@ -52,7 +52,7 @@ fi
 COMMON=(--device cuda --dtype bfloat16 --prompt-len 128)
 
 step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    tests/test_triton_fused.py tests/test_triton_decode_attention.py
+    tests/test_triton_fused.py tests/test_triton_decode_attention.py tests/test_triton_gemv.py
 
 step smollm2-135m 150 "${BENCH[@]}" --shape smollm2-135m "${COMMON[@]}" --long-context 4096 \
     --new-tokens 128 --repeats 2 --baselines eager,static-compile --json "$OUT/smollm2-135m.json"
@@ -65,6 +65,11 @@ step server 100 bash -c "python3 benchmarks/random_weights.py .gpu-assets/smollm
     /tmp/smollm2-random --device cuda && python3 benchmarks/bench_server.py /tmp/smollm2-random \
     --device cuda --dtype bfloat16 --history-tokens 4000 --repeats 2 --streams 8 \
     --stream-tokens 64 --out $OUT/server.json"
+
+# both decode graphs the engine chooses between (separate kernels / norms folded into Triton
+# projections), kernel by kernel, for the next round of speed work
+step profile-smollm2 60 python3 benchmarks/profile_decode.py --shape smollm2-135m \
+    --dtype bfloat16 --top 12
 
 # HF's compile of the 8B decode step took 74 s on an H200 before: one round, last in line
 step llama3-8b-static-compile 240 "${BENCH[@]}" --shape llama3-8b "${COMMON[@]}" \

@@ -18,7 +18,7 @@ loop used by `run`, `chat` and `bench`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,8 @@ from ktinject.compiling import own_copy
 from ktinject.completion import Completion
 from ktinject.errors import ContextLengthError, KtinjectError
 from ktinject.sampling import SamplingParams
+from operators.layer import FusedResidualDecoderLayer
+from operators.triton.gemv import fused_gemv_pinned, prefer_fused_gemv
 
 DEFAULT_CHUNK_SIZE = 8192
 
@@ -118,6 +120,7 @@ class Engine:
         self.graphs: dict[int, _DecodeGraph] = {}
         self.graph_pool: Any = None
         self.capture_s = 0.0
+        self.fused_gemv_choice: dict[int, bool] = {}  # batch size -> graph with fused GEMVs
         # CPU decode through torch.compile (the CPU counterpart of the CUDA graph)
         self.compiled: CompiledDecode | None = None
         self.compile_blocked_by: str | None = None  # why compile=True has no effect, if so
@@ -432,10 +435,30 @@ class Engine:
             started = time.perf_counter()
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()
-            graph = _DecodeGraph(self, batch)
+            graph = self._capture_fastest(batch)
             self.graphs[batch] = graph
             self.capture_s += time.perf_counter() - started
         return graph
+
+    def _capture_fastest(self, batch: int) -> _DecodeGraph:
+        """Capture the decode step with the norms folded into the projections and without
+        (`operators.triton.gemv`), time both replays, keep the faster. Which wins depends on
+        the card and the shapes; measuring costs one more capture and a few ms of replays. The
+        choice per batch size is kept for later captures (a grown cache) and in
+        `fused_gemv_choice` (shown by `bench`)."""
+        pinned = fused_gemv_pinned()
+        if batch in self.fused_gemv_choice:
+            options = [self.fused_gemv_choice[batch]]
+        elif pinned is not None or not any(
+            isinstance(m, FusedResidualDecoderLayer) for m in self.model.modules()
+        ):
+            options = [bool(pinned)]
+        else:
+            options = [False, True]
+        graphs = {fused: _DecodeGraph(self, batch, fused=fused) for fused in options}
+        best = fastest({fused: graph.graph.replay for fused, graph in graphs.items()})
+        self.fused_gemv_choice[batch] = best
+        return graphs[best]
 
 
 class DecodeStep:
@@ -583,19 +606,21 @@ def last_logits(
 
 
 class _DecodeGraph:
-    """A `DecodeStep` captured in a CUDA graph; `run` loads the inputs and replays it."""
+    """A `DecodeStep` captured in a CUDA graph; `run` loads the inputs and replays it. `fused`:
+    captured with the fused-projection path of the decoder layers (`operators.layer`)."""
 
-    def __init__(self, engine: Engine, batch: int) -> None:
+    def __init__(self, engine: Engine, batch: int, *, fused: bool) -> None:
         self.step = DecodeStep(engine, batch)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=engine.graph_pool):
-            self.logits = self.step()
+        with prefer_fused_gemv(fused):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=engine.graph_pool):
+                self.logits = self.step()
 
     def run(
         self, slots: list[int], token_ids: list[int] | torch.Tensor, positions: list[int]
@@ -603,6 +628,36 @@ class _DecodeGraph:
         self.step.load(slots, token_ids, positions)
         self.graph.replay()
         return self.logits
+
+
+def fastest(candidates: dict[Any, Callable[[], Any]], *, rounds: int = 3, calls: int = 8) -> Any:
+    """The key of the candidate whose calls take least device time: rounds alternate between
+    candidates (so drift hits all alike) and each candidate keeps its best round. A single
+    candidate is returned untimed."""
+    if len(candidates) == 1:
+        return next(iter(candidates))
+    best: dict[Any, float] = {}
+    for _ in range(rounds):
+        for key, call in candidates.items():
+            call()  # warm
+            seconds = _device_seconds(call, calls)
+            best[key] = min(best.get(key, seconds), seconds)
+    return min(best, key=best.get)
+
+
+def _device_seconds(call: Callable[[], Any], calls: int) -> float:
+    if not torch.cuda.is_available():
+        started = time.perf_counter()
+        for _ in range(calls):
+            call()
+        return time.perf_counter() - started
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def graph_blocker(model: nn.Module) -> str | None:

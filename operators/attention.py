@@ -23,7 +23,13 @@ from ktinject.errors import RuleError
 from operators.base import Operator, check_source, fuse_keys_on_load, fused_linear
 from operators.linear import linear_dtype_device
 from operators.triton.decode_attention import decode_attention_reference
-from operators.triton.fused import rope, use_triton, write_kv, write_kv_reference
+from operators.triton.fused import (
+    rope,
+    rope_write_kv,
+    use_triton,
+    write_kv,
+    write_kv_reference,
+)
 
 # Families whose apply_rotary_pos_emb is Llama's rotate-half RoPE (what the Triton kernel does)
 ROTATE_HALF_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmoe")
@@ -130,8 +136,23 @@ class StaticCacheAttention(Operator):
         past_key_values: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        batch, length, _ = hidden_states.shape
-        q, k, v = self.qkv(hidden_states).split(self.split, dim=-1)
+        out = self.attend(
+            self.qkv(hidden_states), position_embeddings, attention_mask, past_key_values
+        )
+        return out, None
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+    ) -> torch.Tensor:
+        """Everything after the q/k/v projection, whose output [B, T, (Hq + 2 Hkv) D] is `qkv`:
+        a decoder layer that computes the projection itself (with the norm before it folded in,
+        `operators.layer`) continues here."""
+        batch, length, _ = qkv.shape
+        q, k, v = qkv.split(self.split, dim=-1)
         if self.q_norm is not None and not self.norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -144,15 +165,22 @@ class StaticCacheAttention(Operator):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
         fused = self.fused_rope and use_triton(q)
-        q, k = (rope if fused else self.rotary)(q, k, cos, sin)
         context = current_context()
+        if fused and context is not None and context.prefill_start is None:
+            # decode on GPU: rotate q and k and write k/v to the cache in one launch
+            k_cache, v_cache = context.cache.kv[self.layer_idx]
+            rows, positions = context.slots, context.positions[:, 0]
+            q = rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, rows, positions)
+            out = self._attend_cache(q, context)
+            return self.o_proj(out.reshape(batch, length, -1))
+        q, k = (rope if fused else self.rotary)(q, k, cos, sin)
         if context is None:
             out = self._hf_attention(q, k, v, attention_mask, past_key_values)
         elif context.prefill_start is not None:
             out = self._prefill(q, k, v, context)
         else:
             out = self._decode(q, k, v, context)
-        return self.o_proj(out.reshape(batch, length, -1)), None
+        return self.o_proj(out.reshape(batch, length, -1))
 
     def _hf_attention(
         self,
@@ -196,6 +224,13 @@ class StaticCacheAttention(Operator):
         rows, positions = context.slots, context.positions[:, 0]
         write = write_kv if use_triton(q) else write_kv_reference
         write(k[:, :, 0], v[:, :, 0], k_cache, v_cache, rows, positions)
+        return self._attend_cache(q, context)
+
+    def _attend_cache(self, q: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        """Attention of one new query per row over its slot's valid cache positions (the new
+        token's K/V already written): [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+        k_cache, v_cache = context.cache.kv[self.layer_idx]
+        rows = context.slots
         if use_triton(q):
             from operators.triton.decode_attention import decode_attention
 

@@ -55,6 +55,20 @@ def test_greedy_tokens_equal_hf_with_and_without_cuda_graph(arch: str, cuda_grap
     assert greedy(engine, PROMPT) == expected
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gemv"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mixtral", "deepseek_v3"])
+def test_both_captured_decode_paths_give_hf_tokens(arch: str, fused: bool) -> None:
+    """The engine keeps whichever graph replays faster; both must be exact (fp32, TF32 off)."""
+    reference, patched = models(arch)
+    out = reference.generate(
+        torch.tensor([PROMPT], device="cuda"), max_new_tokens=24, do_sample=False
+    )
+    engine = Engine(patched)
+    engine.fused_gemv_choice[1] = fused  # skip the timing: capture this path only
+    assert greedy(engine, PROMPT, 24) == out[0, len(PROMPT) :].tolist()
+    assert engine.fused_gemv_choice == {1: fused}
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "deepseek_v3"])
 def test_batched_graph_decode_equals_single_sequences(arch: str) -> None:
     _, patched = models(arch)
@@ -70,12 +84,14 @@ def test_batched_graph_decode_equals_single_sequences(arch: str) -> None:
     assert 3 in engine.graphs
 
 
-def test_bf16_graph_logits_within_tolerance() -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gemv"])
+def test_bf16_graph_logits_within_tolerance(fused: bool) -> None:
     reference, patched = models("llama", torch.bfloat16)
     tokens = PROMPT + [31, 37, 41, 43]
     with torch.inference_mode():
         expected = reference(torch.tensor([tokens], device="cuda")).logits[0].float()
     engine = Engine(patched, cache_lens=64)
+    engine.fused_gemv_choice[1] = fused
     engine.prefill(0, PROMPT)
     for index in range(len(PROMPT), len(tokens)):
         step = engine.decode([0], [tokens[index]])[0].float()

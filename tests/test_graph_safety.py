@@ -4,7 +4,8 @@ With `use_triton` forced to True (the Triton kernels run under the interpreter h
 `DecodeStep` reads token ids, positions, slots and lengths from static buffers and must
 1. make no host synchronisation (anything that reads a device value on the host would fail during
    CUDA-graph capture), and
-2. give the same logits as the engine's eager decode.
+2. give the logits and K/V writes of the engine's CPU path (the torch references), with the
+   decode step's plain kernels and with the fused projections (operators/triton/gemv.py).
 This catches on a CPU machine what would otherwise only fail on a GPU.
 """
 
@@ -18,11 +19,15 @@ from tiny_models import MOE_ARCHITECTURES, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import operators.attention
+import operators.layer
 import operators.mlp
 import operators.norm
 from ktinject import optimize
 from ktinject.engine import DecodeStep, Engine, graph_blocker
 from ktinject.loading import rules_for
+from operators.layer import FusedResidualDecoderLayer
+from operators.mlp import FusedGatedMLP
+from operators.triton.gemv import prefer_fused_gemv
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(),
@@ -47,14 +52,18 @@ class NoHostSync(TorchDispatchMode):
 
 @pytest.fixture
 def gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    for module in (operators.attention, operators.mlp, operators.norm):
+    for module in (operators.attention, operators.layer, operators.mlp, operators.norm):
         monkeypatch.setattr(module, "use_triton", lambda tensor: True)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gemv"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", *MOE_ARCHITECTURES])
-def test_graph_step_is_sync_free_and_matches_eager_decode(arch: str, gpu_paths) -> None:
+def test_graph_step_is_sync_free_and_matches_eager_decode(
+    arch: str, fused: bool, gpu_paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every shipped rule file, MoE ones included (their experts are GatheredExperts; HF's own
-    experts the engine never captures, below)."""
+    experts the engine never captures, below); `fused`: the step the engine captures second,
+    with norms, SiLU and residual adds inside the projections (operators/triton/gemv.py)."""
     model, _ = optimize(tiny_model(arch), rules_for(arch), strict=True)
     prompts = {0: [1, 5, 9, 13, 17], 1: [2, 4, 6]}
     engine = Engine(model, cache_lens=32, num_slots=2)
@@ -63,15 +72,39 @@ def test_graph_step_is_sync_free_and_matches_eager_decode(arch: str, gpu_paths) 
     eager = copy.deepcopy(engine.cache)
     slots, tokens = [1, 0], [7, 3]
     positions = [len(prompts[s]) for s in slots]
+    folded = {"norm_linear": 0, "silu_linear": 0}
+    for name in folded:
+        kernel = getattr(operators.layer, name)
+        monkeypatch.setattr(operators.layer, name, counted(kernel, folded, name))
 
     step = DecodeStep(engine, batch=2)
     step.load(slots, tokens, positions)
-    with NoHostSync():
+    with NoHostSync(), prefer_fused_gemv(fused):
         logits = step()
+    layers = [m for m in model.modules() if isinstance(m, FusedResidualDecoderLayer)]
+    attention = sum(hasattr(layer.self_attn, "attend") for layer in layers)  # not MLA
+    dense = sum(isinstance(layer.mlp, FusedGatedMLP) for layer in layers)  # not MoE
+    assert attention + dense > 0
+    expected = {"norm_linear": attention + dense, "silu_linear": dense} if fused else {}
+    assert folded == {"norm_linear": 0, "silu_linear": 0} | expected
 
+    monkeypatch.undo()  # the CPU path (torch references) is the oracle
     engine.cache = eager
     expected = engine.decode(slots, tokens)
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    for layer, (k_cache, v_cache) in engine.cache.kv.items():  # the step's K/V writes too
+        written = (k_cache[slots, :, positions], v_cache[slots, :, positions])
+        step_k, step_v = step.context.cache.kv[layer]
+        torch.testing.assert_close(step_k[slots, :, positions], written[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step_v[slots, :, positions], written[1], atol=1e-5, rtol=1e-5)
+
+
+def counted(function, counts: dict[str, int], name: str):
+    def call(*args, **kwargs):
+        counts[name] += 1
+        return function(*args, **kwargs)
+
+    return call
 
 
 def test_step_takes_ids_sampled_on_the_device_like_host_ids() -> None:

@@ -547,3 +547,27 @@ def test_write_kv_matches_reference(dtype: torch.dtype) -> None:
     write_kv_reference(kv[0], kv[1], *expected, slots, positions)
     write_kv(kv[0], kv[1], *caches, slots, positions)
     assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("Hq", "Hkv", "D"), [(4, 2, 16), (9, 3, 64), (2, 2, 96)])
+def test_rope_write_kv_is_rope_then_write_kv(dtype, Hq, Hkv, D) -> None:
+    """The decode step's fused launch: the rotated q it returns and the caches it writes equal
+    `rope` followed by `write_kv` (bit for bit: the same rounding points, no FMA)."""
+    B, slots_n, length = 3, 4, 8
+    qkv = randn(B, 1, (Hq + 2 * Hkv) * D, dtype=dtype, seed=5)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = (t.view(B, 1, -1, D).transpose(1, 2) for t in (q, k, v))
+    cos, sin = rotary(B, 1, D, dtype, offset=3)
+    caches = [randn(slots_n, Hkv, length, D, dtype=dtype, seed=s) for s in (6, 7)]
+    expected = [c.clone() for c in caches]
+    slots = torch.tensor([2, 0, 3], device=DEVICE)
+    positions = torch.tensor([[7], [0], [4]], device=DEVICE)[:, 0]
+
+    q_ref, k_ref = fmod.rope(q, k, cos, sin)
+    fmod.write_kv_reference(k_ref[:, :, 0], v[:, :, 0], *expected, slots, positions)
+    q_out = fmod.rope_write_kv(q, k, v, cos, sin, *caches, slots, positions)
+    assert_close(q_out, q_ref, dtype, exact=True)
+    for cache, reference in zip(caches, expected, strict=True):
+        assert_close(cache, reference, dtype, exact=True)

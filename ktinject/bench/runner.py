@@ -127,6 +127,7 @@ class Record:
     long: list[Sample] = field(default_factory=list)
     windows: list[Window] = field(default_factory=list)
     capture_s: float | None = None
+    decode_graphs: str | None = None  # which decode graph the engine kept, if it chose
     error: str | None = None
 
 
@@ -331,6 +332,7 @@ def _sample(system: Any, record: Record, prompt: torch.Tensor, settings: Setting
         free_memory(settings.device)
         return None
     record.capture_s = getattr(system, "capture_s", None)
+    record.decode_graphs = getattr(system, "decode_graphs", None)
     return sample
 
 

@@ -44,6 +44,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
+from operators.triton.fused import _check_triton_call
+
 __all__ = ["decode_attention", "decode_attention_reference"]
 
 _LOG2E = 1.4426950408889634
@@ -405,15 +407,8 @@ def decode_attention(
         raise TypeError(f"unsupported cache dtype {k_cache.dtype}")
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
-    devices = {t.device for t in (q, k_cache, v_cache, slots, seq_lens)}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    _check_triton_call("decode_attention", q, k_cache, v_cache, slots, seq_lens)
     interpreted = not isinstance(_decode_split_kernel, triton.runtime.JITFunction)
-    if q.device.type != "cuda" and not interpreted:
-        raise RuntimeError(
-            f"decode_attention got {q.device} tensors but Triton is compiling for GPU; use "
-            "decode_attention_reference, or set TRITON_INTERPRET=1 before importing this module"
-        )
 
     group = Hq // Hkv
     if split_len is None:

@@ -65,6 +65,7 @@ __all__ = [
     "rms_norm_reference",
     "rope",
     "rope_reference",
+    "rope_write_kv",
     "silu_mul",
     "silu_mul_reference",
     "use_triton",
@@ -328,10 +329,8 @@ if triton is not None:
 
     @triton.jit
     def _rope_heads(
-        src_ptr,
-        dst_ptr,
-        b,
-        t,
+        src_row,
+        dst_row,
         heads,
         head_mask,
         offs,
@@ -340,23 +339,20 @@ if triton is not None:
         c2,
         s1,
         s2,
-        stride_b,
-        stride_t,
         stride_h,
-        stride_ob,
-        stride_ot,
         stride_oh,
         HALF: tl.constexpr,
     ):
+        # src_row / dst_row point at head 0 of one token in the source and destination.
         mask = head_mask[:, None] & d_mask[None, :]
-        src = src_ptr + b * stride_b + t * stride_t + heads[:, None] * stride_h + offs[None, :]
+        src = src_row + heads[:, None] * stride_h + offs[None, :]
         # Negate in fp32 (exact), not in the storage dtype.
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
         # rotate_half(x) = cat(-x2, x1): first half x1*cos1 - x2*sin1, second x2*cos2 + x1*sin2.
-        o1 = _rotate_pair(x1, c1[None, :], -x2, s1[None, :], dst_ptr.dtype.element_ty)
-        o2 = _rotate_pair(x2, c2[None, :], x1, s2[None, :], dst_ptr.dtype.element_ty)
-        dst = dst_ptr + b * stride_ob + t * stride_ot + heads[:, None] * stride_oh + offs[None, :]
+        o1 = _rotate_pair(x1, c1[None, :], -x2, s1[None, :], dst_row.dtype.element_ty)
+        o2 = _rotate_pair(x2, c2[None, :], x1, s2[None, :], dst_row.dtype.element_ty)
+        dst = dst_row + heads[:, None] * stride_oh + offs[None, :]
         tl.store(dst, o1, mask=mask)
         tl.store(dst + HALF, o2, mask=mask)
 
@@ -395,10 +391,14 @@ if triton is not None:
     def _rope_kernel(
         q_ptr,
         k_ptr,
+        v_ptr,
         cos_ptr,
         sin_ptr,
         qo_ptr,
         ko_ptr,
+        vo_ptr,
+        slots_ptr,
+        positions_ptr,
         n_tokens,
         stride_qb,
         stride_qt,
@@ -406,6 +406,8 @@ if triton is not None:
         stride_kb,
         stride_kt,
         stride_kh,
+        stride_vb,
+        stride_vh,
         stride_cb,
         stride_ct,
         stride_sb,
@@ -416,14 +418,21 @@ if triton is not None:
         stride_kob,
         stride_kot,
         stride_koh,
+        stride_cache_s,
+        stride_cache_h,
+        stride_cache_l,
+        stride_pos,
         HQ: tl.constexpr,
         HKV: tl.constexpr,
         HALF: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
+        WRITE_KV: tl.constexpr,
     ):
         # Program (token, head block): heads [0, HQ) of the block range are q heads, heads
-        # [HQ, HQ + HKV) are k heads, so one launch covers both tensors.
+        # [HQ, HQ + HKV) are k heads, so one launch covers both tensors.  With WRITE_KV (decode,
+        # one token per row) the rotated k goes straight into the K cache at the row's slot and
+        # position, and heads [HQ + HKV, HQ + 2 HKV) copy v into the V cache.
         token = tl.program_id(0).to(tl.int64)
         b = token // n_tokens
         t = token % n_tokens
@@ -439,34 +448,28 @@ if triton is not None:
         s2 = tl.load(sin_row + HALF, mask=d_mask, other=0.0).to(tl.float32)
 
         is_q = heads < HQ
+        q_row = q_ptr + b * stride_qb + t * stride_qt
+        qo_row = qo_ptr + b * stride_qob + t * stride_qot
+        q_heads = tl.where(is_q, heads, 0)
         _rope_heads(
-            q_ptr,
-            qo_ptr,
-            b,
-            t,
-            tl.where(is_q, heads, 0),
-            is_q,
-            offs,
-            d_mask,
-            c1,
-            c2,
-            s1,
-            s2,
-            stride_qb,
-            stride_qt,
-            stride_qh,
-            stride_qob,
-            stride_qot,
-            stride_qoh,
-            HALF,
+            q_row, qo_row, q_heads, is_q, offs, d_mask, c1, c2, s1, s2, stride_qh, stride_qoh, HALF
         )
         is_k = (heads >= HQ) & (heads < HQ + HKV)
+        k_row = k_ptr + b * stride_kb + t * stride_kt
+        if WRITE_KV:
+            slot = tl.load(slots_ptr + b).to(tl.int64)
+            position = tl.load(positions_ptr + b * stride_pos).to(tl.int64)
+            cache_row = slot * stride_cache_s + position * stride_cache_l
+            ko_row = ko_ptr + cache_row
+            stride_out_h = stride_cache_h
+        else:
+            ko_row = ko_ptr + b * stride_kob + t * stride_kot
+            stride_out_h = stride_koh
+        k_heads = tl.where(is_k, heads - HQ, 0)
         _rope_heads(
-            k_ptr,
-            ko_ptr,
-            b,
-            t,
-            tl.where(is_k, heads - HQ, 0),
+            k_row,
+            ko_row,
+            k_heads,
             is_k,
             offs,
             d_mask,
@@ -474,14 +477,18 @@ if triton is not None:
             c2,
             s1,
             s2,
-            stride_kb,
-            stride_kt,
             stride_kh,
-            stride_kob,
-            stride_kot,
-            stride_koh,
+            stride_out_h,
             HALF,
         )
+        if WRITE_KV:
+            is_v = (heads >= HQ + HKV) & (heads < HQ + 2 * HKV)
+            v_heads = tl.where(is_v, heads - HQ - HKV, 0)
+            mask = is_v[:, None] & d_mask[None, :]
+            src = v_ptr + b * stride_vb + v_heads[:, None] * stride_vh + offs[None, :]
+            dst = vo_ptr + cache_row + v_heads[:, None] * stride_cache_h + offs[None, :]
+            tl.store(dst, tl.load(src, mask=mask), mask=mask)
+            tl.store(dst + HALF, tl.load(src + HALF, mask=mask), mask=mask)
 
 
 # ---------------------------------------------------------------- Triton entry points
@@ -726,33 +733,115 @@ def rope(
         q_ret, k_ret = q_out.transpose(1, 2), k_out.transpose(1, 2)
     else:
         q_ret, k_ret = q_out, k_out
-    if B * T == 0 or D == 0 or Hq + Hkv == 0:
-        return q_ret, k_ret
+    _rope_launch(q_bthd, k_bthd, cos, sin, q_out, k_out)
+    return q_ret, k_ret
+
+
+def rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """A decode step's :func:`rope` and :func:`write_kv` in one launch: returns the rotated q
+    and writes the rotated k and v into the caches (``cache[slots[b], :, positions[b]]``).
+
+    ``q`` ``[B, Hq, 1, D]``, ``k``/``v`` ``[B, Hkv, 1, D]`` (HF's layout, e.g. transposed views
+    of a fused qkv projection), ``cos``/``sin`` ``[B, 1, D]`` or ``[1, 1, D]``, caches
+    ``[S, Hkv, L, D]``, ``slots``/``positions`` int ``[B]``. The values written and returned equal
+    ``rope`` followed by ``write_kv``. Grid ``(B, cdiv(Hq + 2 Hkv, BLOCK_H))``; CUDA-graph safe.
+    """
+    _check_rope(q, k, cos, sin, 1)
+    _check_triton_call("rope_write_kv", q, k, v, cos, sin, k_cache, v_cache)
+    _check_unit_stride("rope_write_kv", q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache)
+    B, Hq, T, D = q.shape
+    if T != 1 or v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(
+            f"rope_write_kv takes one token per row and v shaped like k; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if D > MAX_ROPE_HEAD_DIM:
+        raise ValueError(f"rope_write_kv supports head dims up to {MAX_ROPE_HEAD_DIM}, got D={D}")
+    if (
+        k_cache.shape != v_cache.shape
+        or k_cache.stride() != v_cache.stride()
+        or k_cache.shape[1] != k.shape[1]
+        or k_cache.shape[3] != D
+        or k_cache.dtype != k.dtype
+    ):
+        raise ValueError(
+            f"rope_write_kv: caches must be [S, {k.shape[1]}, L, {D}] of {k.dtype} with one "
+            f"layout, got {tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)}"
+        )
+    q_out = torch.empty((B, 1, Hq, D), dtype=q.dtype, device=q.device)
+    cache = (v.transpose(1, 2), v_cache, slots, positions)
+    _rope_launch(q.transpose(1, 2), k.transpose(1, 2), cos, sin, q_out, k_cache, cache=cache)
+    return q_out.transpose(1, 2)
+
+
+def _rope_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    *,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """Launch `_rope_kernel` on [B, T, H, D] views. With `cache = (v, v_cache, slots,
+    positions)`, `k_out` is the K cache and v is copied into `v_cache`."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    heads = Hq + Hkv * (2 if cache is not None else 1)
+    if B * T == 0 or D == 0 or heads == 0:
+        return
     cos_b, sin_b = cos.expand(B, T, D), sin.expand(B, T, D)  # stride 0 over a broadcast batch
+    if cache is None:
+        v, v_out, slots, positions = q, q_out, q, q  # unused pointers
+        k_strides, cache_strides, v_strides, stride_pos = k_out.stride()[:3], (0, 0, 0), (0, 0), 0
+    else:
+        v, v_out, slots, positions = cache
+        k_strides = (0, 0, 0)
+        cache_strides = (k_out.stride(0), k_out.stride(1), k_out.stride(2))
+        v_strides = (v.stride(0), v.stride(2))
+        stride_pos = positions.stride(0)
     half = D // 2
     block_half = max(16, _next_pow2(half))
-    block_h = min(_next_pow2(Hq + Hkv), max(1, 1024 // block_half))
-    _rope_kernel[(B * T, triton.cdiv(Hq + Hkv, block_h))](
-        q_bthd,
-        k_bthd,
+    block_h = min(_next_pow2(heads), max(1, 1024 // block_half))
+    _rope_kernel[(B * T, triton.cdiv(heads, block_h))](
+        q,
+        k,
+        v,
         cos_b,
         sin_b,
         q_out,
         k_out,
+        v_out,
+        slots,
+        positions,
         T,
-        *q_bthd.stride()[:3],
-        *k_bthd.stride()[:3],
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *v_strides,
         *cos_b.stride()[:2],
         *sin_b.stride()[:2],
         *q_out.stride()[:3],
-        *k_out.stride()[:3],
+        *k_strides,
+        *cache_strides,
+        stride_pos,
         HQ=Hq,
         HKV=Hkv,
         HALF=half,
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
+        WRITE_KV=cache is not None,
         num_warps=4 if block_h * block_half >= 512 else 1,
         # No fused multiply-add: HF rounds each product before the sum (matters for fp32).
         enable_fp_fusion=False,
     )
-    return q_ret, k_ret

@@ -1,0 +1,159 @@
+"""Compile every Triton kernel variant the operators launch for an NVIDIA GPU that is not here.
+
+The CPU test suite runs the kernels under Triton's interpreter, which checks their arithmetic
+but not that they compile: the interpreter is plain numpy, and accepts code that Triton's
+compiler rejects. This script puts a stand-in driver in front of Triton's JIT that names a GPU
+target (Hopper, sm_90, by default), calls the kernels' entry points with CPU tensors of real
+decode shapes, and lets the JIT compile each launch down to a cubin (Triton ships ptxas)
+instead of running it. Outputs are left unwritten.
+
+    python tests/compile_for_gpu.py [--arch 90]
+
+Prints one line per compiled kernel variant with ptxas' register and spill counts; exits
+non-zero if any launch fails to compile. Must run in a process of its own, without
+TRITON_INTERPRET (tests/test_gpu_compile.py starts it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver, jit  # noqa: E402
+
+
+class AbsentGPU:
+    """What Triton's JIT asks a driver before compiling, answered for a GPU that is not here."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def compile_instead_of_launching(compiled: list) -> None:
+    launch = jit.JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    jit.JITFunction.run = run
+
+
+def allow_cpu_tensors() -> None:
+    """The entry points refuse CPU tensors when Triton compiles for a GPU; here that is the
+    point."""
+    import operators.triton.decode_attention as attention
+    import operators.triton.fused as fused
+    import operators.triton.gemv as gemv
+
+    for module in (fused, gemv, attention):
+        module._check_triton_call = lambda *args: None
+
+
+def launch_everything(dtype: torch.dtype) -> None:
+    """Every entry point at SmolLM2-135M and Llama-3-8B decode shapes (1 and 8 rows)."""
+    from operators.triton import decode_attention, fused, gemv
+
+    for hidden, inter, heads, kv_heads, dim in ((576, 1536, 9, 3, 64), (4096, 14336, 32, 8, 128)):
+        qkv_rows = (heads + 2 * kv_heads) * dim
+        norm_w = torch.ones(hidden, dtype=dtype)
+        w_qkv = torch.empty(qkv_rows, hidden, dtype=dtype)
+        w_down = torch.empty(hidden, inter, dtype=dtype)
+        cache = torch.empty(2, kv_heads, 4096, dim, dtype=dtype)
+        for rows in (1, 8):
+            x = torch.empty(rows, 1, hidden, dtype=dtype)
+            gemv.norm_linear(x, None, norm_w, 1e-5, w_qkv)
+            gemv.norm_linear(x, x, norm_w, 1e-5, w_qkv)
+            gemv.silu_linear(torch.empty(rows, 1, 2 * inter, dtype=dtype), w_down, None, x)
+            fused.rms_norm(x, norm_w, 1e-5)
+            fused.add_rms_norm(x, x, norm_w, 1e-5)
+            fused.silu_mul(torch.empty(rows, 1, 2 * inter, dtype=dtype))
+            qkv = torch.empty(rows, 1, qkv_rows, dtype=dtype)
+            q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            q, k, v = (t.view(rows, 1, -1, dim).transpose(1, 2) for t in (q, k, v))
+            cos = sin = torch.empty(rows, 1, dim, dtype=dtype)
+            slots = torch.zeros(rows, dtype=torch.long)
+            positions = torch.zeros(rows, 1, dtype=torch.long)[:, 0]
+            fused.rope(q, k, cos, sin)
+            fused.rope_write_kv(q, k, v, cos, sin, cache, cache, slots, positions)
+            fused.write_kv(k[:, :, 0], v[:, :, 0], cache, cache, slots, positions)
+            lengths = torch.ones(rows, dtype=torch.long)
+            for cache_len in (256, 4096):
+                part = cache[:, :, :cache_len]
+                decode_attention.decode_attention(q[:, :, 0], part, part, slots, lengths, 0.1)
+
+
+def ptxas_summary(kernel, arch: int) -> str:
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        return "ptxas not found"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
+        ptx.write(kernel.asm["ptx"])
+    try:
+        report = subprocess.run(
+            [str(ptxas), "-v", f"--gpu-name=sm_{arch}a", ptx.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+        ).stderr
+    finally:
+        os.unlink(ptx.name)
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return (
+        f"{registers.group(1) if registers else '?'} registers, "
+        f"{spills.group(1) if spills else '?'} bytes spilled"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET"):
+        print("unset TRITON_INTERPRET: this compiles, it does not interpret", file=sys.stderr)
+        return 2
+    driver.set_active(AbsentGPU(GPUTarget("cuda", args.arch, 32)))
+    compiled: list = []
+    compile_instead_of_launching(compiled)
+    allow_cpu_tensors()
+    for dtype in (torch.bfloat16, torch.float32):
+        launch_everything(dtype)
+    seen = set()
+    for name, kernel in compiled:
+        if id(kernel) in seen:
+            continue
+        seen.add(id(kernel))
+        print(f"sm_{args.arch} {name}: {ptxas_summary(kernel, args.arch)}")
+    print(f"compiled {len(seen)} kernel variants for sm_{args.arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
