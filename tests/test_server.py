@@ -460,3 +460,26 @@ def test_smollm2_conversation_reuses_history(smollm2):
     assert reused.usage.prompt_tokens_details.cached_tokens > 20
     assert fresh.usage.prompt_tokens_details.cached_tokens == 0
     assert reused.choices[0].message.content == fresh.choices[0].message.content
+
+
+def test_text_queued_while_a_chunk_was_sent_goes_out_as_one_chunk():
+    """A stream that fell behind (many streams, a slow client) catches up: the deltas already
+    queued are merged into one chunk; nothing is lost and the stream still ends properly."""
+    from ktinject.server.formats import ChatFormat, Reply
+    from ktinject.server.handler import Handler, RequestEvents
+    from ktinject.server.sequence import Delta, Finished, Usage
+
+    async def stream() -> list[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for event in (Delta("b"), Delta("c"), Finished("stop", Usage(3, 3, 0))):
+            queue.put_nowait(event)
+        events = RequestEvents(None, None, queue, None, lambda outcome: None)
+        chunks = Handler._stream(
+            None, ChatFormat(), Reply.new("x-", "m"), False, Delta("a"), events
+        )
+        return [chunk async for chunk in chunks]
+
+    chunks = asyncio.run(stream())
+    assert len(chunks) == 4  # opening (role), "abc", finish, [DONE]
+    assert '"content":"abc"' in chunks[1] and '"finish_reason":"stop"' in chunks[2]
+    assert chunks[3] == "data: [DONE]\n\n"

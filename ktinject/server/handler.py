@@ -58,13 +58,20 @@ class RequestEvents:
     async def next(self) -> Event | None:
         """The next event, or None once the client has disconnected."""
         # events often arrive in bursts: take a queued one without setting up a timed wait
-        event = None if self.queue.empty() else self.queue.get_nowait()
+        event = self.queued()
         while event is None:
             try:
-                event = await asyncio.wait_for(self.queue.get(), POLL_S)
+                event = self._note(await asyncio.wait_for(self.queue.get(), POLL_S))
             except TimeoutError:
                 if await self.request.is_disconnected():
                     return None
+        return event
+
+    def queued(self) -> Event | None:
+        """An event that has already arrived, or None."""
+        return None if self.queue.empty() else self._note(self.queue.get_nowait())
+
+    def _note(self, event: Event) -> Event:
         if isinstance(event, Finished):
             self.outcome = event.finish_reason
         elif isinstance(event, Failed):
@@ -200,8 +207,15 @@ class Handler:
             if opening is not None:
                 yield _sse(opening)
             while isinstance(event, Delta):
-                yield _sse(fmt.chunk(reply, event.text, None))
-                event = await events.next()
+                # Text that arrived while the last chunk was being sent goes out as one chunk:
+                # under load (many streams, a slow client) the stream catches up instead of
+                # paying for a JSON chunk and a write per token.
+                text, event = event.text, events.queued()
+                while isinstance(event, Delta):
+                    text, event = text + event.text, events.queued()
+                yield _sse(fmt.chunk(reply, text, None))
+                if event is None:
+                    event = await events.next()
             if isinstance(event, Finished):
                 yield _sse(fmt.chunk(reply, None, event.finish_reason))
                 if include_usage:
