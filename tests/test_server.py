@@ -483,3 +483,52 @@ def test_text_queued_while_a_chunk_was_sent_goes_out_as_one_chunk():
     assert len(chunks) == 4  # opening (role), "abc", finish, [DONE]
     assert '"content":"abc"' in chunks[1] and '"finish_reason":"stop"' in chunks[2]
     assert chunks[3] == "data: [DONE]\n\n"
+
+
+def drive(scheduler, done) -> None:
+    """Run the scheduler's loop on this thread until `done()`."""
+    for _ in range(500):
+        if done():
+            return
+        scheduler._take_inbox(block=False)
+        scheduler._step()
+    raise AssertionError("the scheduler did not get there in 500 steps")
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["prefix-reuse", "no-reuse"])
+def test_a_request_dropped_with_a_token_in_flight_leaves_nothing_behind(model, tokenizer, reuse):
+    """Decode steps are queued with the previous step's tokens still on the device. A request
+    cancelled (or finished) then must not have its pending token fed into the slot's next owner,
+    and the next owner's answer must equal a fresh engine's."""
+    from ktinject.server.metrics import ServerMetrics
+    from ktinject.server.scheduler import Scheduler
+    from ktinject.server.sequence import Delta, Sequence
+
+    engine = Engine(model, tokenizer, cache_lens=CACHE_LENS, num_slots=1, chunk_size=CHUNK)
+    scheduler = Scheduler(engine, ServerMetrics(1), prefix_reuse=reuse)
+
+    def request(text: str, params: SamplingParams) -> tuple[Sequence, list]:
+        events: list = []
+        ids = chat_prompt_ids(tokenizer, user(text))
+        seq = Sequence(
+            ids,
+            params,
+            tokenizer=tokenizer,
+            eos_ids=engine.eos_ids,
+            device=engine.device,
+            emit=events.append,
+        )
+        scheduler.submit(seq)
+        return seq, events
+
+    first, first_events = request("a long one", SamplingParams(max_new_tokens=60, ignore_eos=True))
+    drive(scheduler, lambda: sum(isinstance(e, Delta) for e in first_events) >= 3)
+    assert scheduler.in_flight  # its next token is sampled, not yet read
+    scheduler.cancel(first)
+    params = SamplingParams(max_new_tokens=12)
+    second, _ = request("then another", params)
+    drive(scheduler, lambda: second.finished)
+    assert not scheduler.running and not scheduler.in_flight
+    fresh = Engine(model, tokenizer).generate(second.prompt_ids, params)
+    fresh.result()
+    assert second.completion.token_ids == fresh.token_ids
