@@ -58,6 +58,13 @@ class StaticKVCache:
             )
         self.lengths = [0] * num_slots
         self.tokens: list[list[int]] = [[] for _ in range(num_slots)]
+        # per device, zero between kernels: lets decode attention merge its splits without a
+        # second launch (operators.triton.decode_attention, `counters`)
+        heads = max((spec.kv_heads for spec in specs.values()), default=0)
+        self.split_counters = {
+            device: torch.zeros((num_slots, heads), dtype=torch.int32, device=device)
+            for device in {k.device for k, _ in self.kv.values()}  # as the kernels see it
+        }
 
     @property
     def nbytes(self) -> int:

@@ -234,8 +234,15 @@ class StaticCacheAttention(Operator):
         if use_triton(q):
             from operators.triton.decode_attention import decode_attention
 
+            counters = context.cache.split_counters.get(k_cache.device)
             out = decode_attention(
-                q[:, :, 0], k_cache, v_cache, rows, context.seq_lens, self.scaling
+                q[:, :, 0],
+                k_cache,
+                v_cache,
+                rows,
+                context.seq_lens,
+                self.scaling,
+                counters=counters,
             )
         else:
             out = decode_attention_reference(

@@ -105,9 +105,12 @@ def launch_everything(dtype: torch.dtype) -> None:
             fused.rope_write_kv(q, k, v, cos, sin, cache, cache, slots, positions)
             fused.write_kv(k[:, :, 0], v[:, :, 0], cache, cache, slots, positions)
             lengths = torch.ones(rows, dtype=torch.long)
-            for cache_len in (256, 4096):
+            counters = torch.zeros(rows, kv_heads, dtype=torch.int32)
+            for cache_len, merge in ((256, None), (4096, None), (4096, counters)):
                 part = cache[:, :, :cache_len]
-                decode_attention.decode_attention(q[:, :, 0], part, part, slots, lengths, 0.1)
+                decode_attention.decode_attention(
+                    q[:, :, 0], part, part, slots, lengths, 0.1, counters=merge
+                )
 
 
 def ptxas_summary(kernel, arch: int) -> str:

@@ -65,8 +65,10 @@ def test_graph_step_is_sync_free_and_matches_eager_decode(
     experts the engine never captures, below); `fused`: the step the engine captures second,
     with norms, SiLU and residual adds inside the projections (operators/triton/gemv.py)."""
     model, _ = optimize(tiny_model(arch), rules_for(arch), strict=True)
-    prompts = {0: [1, 5, 9, 13, 17], 1: [2, 4, 6]}
-    engine = Engine(model, cache_lens=32, num_slots=2)
+    # 160 positions: decode attention runs 3 splits of 64 (slot 0 fills two of them), merged by
+    # the last split to finish (the cache's split counters)
+    prompts = {0: [i % 50 + 1 for i in range(79)], 1: [2, 4, 6]}
+    engine = Engine(model, cache_lens=160, num_slots=2)
     for slot, prompt in prompts.items():
         engine.prefill(slot, prompt)
     eager = copy.deepcopy(engine.cache)
@@ -88,6 +90,7 @@ def test_graph_step_is_sync_free_and_matches_eager_decode(
     expected = {"norm_linear": attention + dense, "silu_linear": dense} if fused else {}
     assert folded == {"norm_linear": 0, "silu_linear": 0} | expected
 
+    assert not any(c.any() for c in engine.cache.split_counters.values())
     monkeypatch.undo()  # the CPU path (torch references) is the oracle
     engine.cache = eager
     expected = engine.decode(slots, tokens)

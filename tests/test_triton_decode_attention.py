@@ -116,11 +116,16 @@ def test_reference_rejects_bad_shapes():
 
 
 def _check_triton(q, k, v, slots, lens, scale, **kw):
-    out = decode_attention(q, k, v, slots, lens, scale, **kw)
+    """Both ways of merging the splits: a second launch, and the last split of each (row, kv
+    head) merging them itself (`counters`), which must leave its counters at zero."""
     ref = decode_attention_reference(q, k, v, slots, lens, scale)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert torch.isfinite(out).all(), "garbage (NaN) past seq_len leaked into the output"
-    torch.testing.assert_close(out.float(), ref.float(), **TOL[q.dtype])
+    counters = torch.zeros((q.shape[0] + 1, k.shape[1] + 1), dtype=torch.int32, device=q.device)
+    for merge in ({}, {"counters": counters}):
+        out = decode_attention(q, k, v, slots, lens, scale, **kw, **merge)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert torch.isfinite(out).all(), "garbage (NaN) past seq_len leaked into the output"
+        torch.testing.assert_close(out.float(), ref.float(), **TOL[q.dtype])
+    assert not counters.any()
     return out
 
 

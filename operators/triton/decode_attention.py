@@ -168,6 +168,65 @@ if triton is not None:
         return c
 
     @triton.jit
+    def _merge_splits(
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        out_ptr,
+        b,
+        heads,
+        g_mask,
+        offs_d,
+        d_mask,
+        n_live,
+        stride_mb,
+        stride_mh,
+        stride_ms,
+        stride_ab,
+        stride_ah,
+        stride_as,
+        stride_ad,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        BLOCK_G: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+    ):
+        # Merge the partial (max, sum, accumulator) of the n_live splits of a group of heads and
+        # write the normalised output; splits past n_live were never written and are not read.
+        # Padded heads (g_mask false) compute garbage that is never stored.
+        row = b.to(tl.int64) * stride_mb + heads * stride_mh
+        a_row = acc_ptr + b.to(tl.int64) * stride_ab + heads[:, None] * stride_ah
+        m_run = tl.where(g_mask, float("-inf"), 0.0)  # padded heads stay finite (no NaN)
+        l_run = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for s in range(NUM_SPLITS):  # static bound; split 0 is always live
+            live = g_mask & (s < n_live)
+            m = tl.load(m_ptr + row + s * stride_ms, mask=live, other=float("-inf"))
+            m = tl.where(g_mask, m, 0.0)
+            lsum = tl.load(l_ptr + row + s * stride_ms, mask=live, other=0.0)
+            part = tl.load(
+                a_row + s * stride_as + offs_d[None, :] * stride_ad,
+                mask=live[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            m_new = tl.maximum(m_run, m)
+            alpha = tl.exp2(m_run - m_new)
+            w = tl.exp2(m - m_new)
+            l_run = l_run * alpha + w * lsum
+            acc = acc * alpha[:, None] + w[:, None] * part
+            m_run = m_new
+        out = acc / tl.where(g_mask, l_run, 1.0)[:, None]
+        o_ptrs = (
+            out_ptr
+            + b.to(tl.int64) * stride_ob
+            + heads[:, None] * stride_oh
+            + offs_d[None, :] * stride_od
+        )
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+    @triton.jit
     def _decode_split_kernel(
         q_ptr,
         k_ptr,
@@ -201,6 +260,8 @@ if triton is not None:
         stride_ah,
         stride_as,
         stride_ad,
+        counter_ptr,
+        stride_cnt,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_G: tl.constexpr,
@@ -208,6 +269,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         SPLIT_LEN: tl.constexpr,
         SINGLE_SPLIT: tl.constexpr,
+        FUSED_COMBINE: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
     ):
@@ -296,6 +359,42 @@ if triton is not None:
                     + offs_d[None, :] * stride_ad
                 )
                 tl.store(a_ptrs, acc, mask=g_mask[:, None] & d_mask[None, :])
+                if FUSED_COMBINE:
+                    # The last live split of this (row, kv head) to finish merges them all, so no
+                    # second launch is needed. The barrier orders this program's partial stores
+                    # before its arrival (release); the last arrival's acquire orders the other
+                    # programs' partials before its loads.
+                    tl.debug_barrier()
+                    counter = counter_ptr + b.to(tl.int64) * stride_cnt + kvh
+                    arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+                    n_live = tl.cdiv(seq_len, SPLIT_LEN)
+                    if arrived == n_live - 1:
+                        _merge_splits(
+                            m_ptr,
+                            l_ptr,
+                            acc_ptr,
+                            out_ptr,
+                            b,
+                            heads,
+                            g_mask,
+                            offs_d,
+                            d_mask,
+                            n_live,
+                            stride_mb,
+                            stride_mh,
+                            stride_ms,
+                            stride_ab,
+                            stride_ah,
+                            stride_as,
+                            stride_ad,
+                            stride_ob,
+                            stride_oh,
+                            stride_od,
+                            BLOCK_G,
+                            BLOCK_D,
+                            NUM_SPLITS,
+                        )
+                        tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next call
 
     @triton.jit
     def _decode_combine_kernel(
@@ -371,6 +470,7 @@ def decode_attention(
     *,
     split_len: int | None = None,
     block_n: int | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Single-token decode attention over a static KV cache (Triton, split-K flash-decoding).
 
@@ -390,6 +490,10 @@ def decode_attention(
             see :func:`_default_split_len`.  Tests shrink it to force several splits.
         block_n: positions per K/V tile inside a split (power of two, >= 16, divides
             ``split_len``).  Default ``min(64, split_len)``.
+        counters: int32 ``[>= B, >= Hkv]`` on the device, all zero, kept by the caller across
+            calls (e.g. one per cache). With it the last split of each (row, kv head) to finish
+            merges the splits itself and the second launch is skipped; every call leaves the
+            counters at zero again.
 
     Supports any head dim ``1 <= D <= 256`` (non powers of two such as 96 are padded and
     masked).  Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -427,6 +531,19 @@ def decode_attention(
 
     num_splits = triton.cdiv(L, split_len)
     single = num_splits == 1
+    fused_combine = counters is not None and not single
+    if counters is not None and (
+        counters.dtype != torch.int32
+        or counters.dim() != 2
+        or counters.shape[0] < B
+        or counters.shape[1] < Hkv
+        or counters.stride(1) != 1
+        or counters.device != q.device
+    ):
+        raise ValueError(
+            f"counters must be int32 [>= {B}, >= {Hkv}] with contiguous rows on {q.device}, got "
+            f"{counters.dtype} {tuple(counters.shape)} on {counters.device}"
+        )
     block_d = max(16, _next_pow2(D))
     if single:  # the split kernel writes the output directly; the workspace is unused
         m_ws = l_ws = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
@@ -454,6 +571,8 @@ def decode_attention(
         *out.stride(),
         *m_ws.stride(),
         *acc_ws.stride(),
+        counters if fused_combine else m_ws,
+        counters.stride(0) if fused_combine else 0,
         GROUP=group,
         HEAD_DIM=D,
         BLOCK_G=max(16, _next_pow2(group)),
@@ -461,13 +580,15 @@ def decode_attention(
         BLOCK_N=block_n,
         SPLIT_LEN=split_len,
         SINGLE_SPLIT=single,
+        FUSED_COMBINE=fused_combine,
+        NUM_SPLITS=num_splits,
         # fp32 caches: exact fp32 products (the default would silently round to tf32).
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         UPCAST_DOT=interpreted and k_cache.dtype == torch.bfloat16,
         num_warps=4,
         num_stages=2,
     )
-    if not single:
+    if not single and not fused_combine:
         _decode_combine_kernel[(B, Hq)](
             seq_lens,
             m_ws,
