@@ -24,10 +24,12 @@ length while the grid stays a pure function of shapes.  A live program loads eac
 for the whole GQA group of query heads that share the kv head (the group is padded to at least 16
 rows so both products run through ``tl.dot``), runs an online softmax (base-2 exponentials, fp32
 statistics and accumulator) over its split, and writes its partial row max, row sum and
-unnormalised accumulator to an fp32 workspace.  A second kernel on the grid ``(B, Hq)`` merges the
-``cdiv(seq_len, split_len)`` live splits of each row (splits past that are never read, so the
-workspace needs no initialisation) and writes the normalised output.  When ``L`` fits in a single
-split the first kernel normalises and writes the output itself and the merge is skipped.
+unnormalised accumulator to an fp32 workspace.  The ``cdiv(seq_len, split_len)`` live splits of
+each row are then merged (splits past that are never read, so the workspace needs no
+initialisation) and the normalised output written: by the last live split of each (row, kv head)
+to finish, when the caller keeps zeroed counters for it (the engine's cache does: one launch per
+layer), otherwise by a second kernel on the grid ``(B, Hkv)``.  When ``L`` fits in a single split
+the first kernel normalises and writes the output itself and no merge is needed.
 
 :func:`decode_attention_reference` is the plain-torch equivalent: the CPU path of the engine and
 the oracle of the tests.
@@ -414,50 +416,45 @@ if triton is not None:
         stride_ob,
         stride_oh,
         stride_od,
+        GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        BLOCK_G: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        BLOCK_S: tl.constexpr,
         SPLIT_LEN: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
     ):
+        # The second launch, when the caller keeps no split counters: one program per (row,
+        # kv head) merges the splits of its group of query heads.
         b = tl.program_id(0)
-        h = tl.program_id(1)
-
+        kvh = tl.program_id(1)
         seq_len = tl.minimum(tl.load(seq_lens_ptr + b).to(tl.int32), cache_len)
-        n_live = tl.cdiv(seq_len, SPLIT_LEN)  # splits that were written; the rest are garbage
-
-        offs_s = tl.arange(0, BLOCK_S)
+        offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        m_row = m_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        l_row = l_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        a_row = acc_ptr + b.to(tl.int64) * stride_ab + h.to(tl.int64) * stride_ah
-
-        m_run = tl.full([1], float("-inf"), tl.float32)
-        l_run = tl.zeros([1], tl.float32)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        for s0 in range(0, NUM_SPLITS, BLOCK_S):  # static bound: see the split kernel's loop
-            s = s0 + offs_s
-            s_mask = s < n_live
-            m = tl.load(m_row + s * stride_ms, mask=s_mask, other=float("-inf"))
-            lsum = tl.load(l_row + s * stride_ms, mask=s_mask, other=0.0)
-            a = tl.load(
-                a_row + s[:, None] * stride_as + offs_d[None, :] * stride_ad,
-                mask=s_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            # m_run is finite after chunk 0 (split 0 is always live); a fully dead chunk leaves
-            # m_new = m_run and adds w = 0.
-            m_new = tl.maximum(m_run, tl.max(m, 0))
-            alpha = tl.exp2(m_run - m_new)
-            w = tl.exp2(m - m_new)  # 0 for masked splits
-            l_run = l_run * alpha + tl.sum(w * lsum, 0)
-            acc = acc * alpha + tl.sum(w[:, None] * a, 0)
-            m_run = m_new
-
-        out = acc / l_run
-        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-        tl.store(o_ptrs + offs_d * stride_od, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+        _merge_splits(
+            m_ptr,
+            l_ptr,
+            acc_ptr,
+            out_ptr,
+            b,
+            kvh * GROUP + offs_g,
+            offs_g < GROUP,
+            offs_d,
+            offs_d < HEAD_DIM,
+            tl.cdiv(seq_len, SPLIT_LEN),
+            stride_mb,
+            stride_mh,
+            stride_ms,
+            stride_ab,
+            stride_ah,
+            stride_as,
+            stride_ad,
+            stride_ob,
+            stride_oh,
+            stride_od,
+            BLOCK_G,
+            BLOCK_D,
+            NUM_SPLITS,
+        )
 
 
 def decode_attention(
@@ -482,8 +479,8 @@ def decode_attention(
     dtype before the products.  Positions ``>= seq_len`` are never loaded.
 
     CUDA-graph safe: only shapes and dtypes are inspected on the host; the grid is
-    ``(B, Hkv, cdiv(L, split_len))`` plus ``(B, Hq)`` for the merge, and the fp32 workspace is
-    allocated from shapes alone.  Splits past ``seq_len`` exit at once.
+    ``(B, Hkv, cdiv(L, split_len))`` (plus ``(B, Hkv)`` for the merge without ``counters``), and
+    the fp32 workspace is allocated from shapes alone.  Splits past ``seq_len`` exit at once.
 
     Args:
         split_len: positions per split (power of two, >= 16).  Default: chosen from ``L`` only,
@@ -589,7 +586,7 @@ def decode_attention(
         num_stages=2,
     )
     if not single and not fused_combine:
-        _decode_combine_kernel[(B, Hq)](
+        _decode_combine_kernel[(B, Hkv)](
             seq_lens,
             m_ws,
             l_ws,
@@ -599,11 +596,12 @@ def decode_attention(
             *m_ws.stride(),
             *acc_ws.stride(),
             *out.stride(),
+            GROUP=group,
             HEAD_DIM=D,
+            BLOCK_G=max(16, _next_pow2(group)),
             BLOCK_D=block_d,
-            BLOCK_S=min(16, _next_pow2(num_splits)),
             SPLIT_LEN=split_len,
             NUM_SPLITS=num_splits,
-            num_warps=1 if block_d <= 64 else 2,
+            num_warps=4,
         )
     return out
