@@ -2,8 +2,9 @@
 
 For planning speed work, not a benchmark (no baseline): builds a random-weight shape, patches it
 with the family's rule file, prefills a prompt, then profiles `--steps` decode steps (CUDA-graph
-replays on GPU) with torch.profiler and prints, for each decode graph the engine can keep
-(separate kernels, norms folded into the projections; `--paths`) and for the one it chooses:
+replays on GPU) with torch.profiler and prints a warm prefill's wall and GPU time with its
+costliest host ops, then, for each decode graph the engine can keep (separate kernels, norms
+folded into the projections; `--paths`) and for the one it chooses:
 - wall ms per step, as `Engine.generate` runs it (decode_sampled: the sampled token is fed on
   the device and read while the next step runs),
 - GPU kernels per step and GPU ms per step,
@@ -52,6 +53,7 @@ def main() -> None:
     model = random_model(args.shape, device, DTYPES[args.dtype], seed=0)
     model, _ = optimize(model, rules_for(model.config.model_type))
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    profile_prefill(model, where, args)
     for path in args.paths.split(","):
         engine = Engine(model, cache_lens=args.prompt_len + 4 * args.steps + 256)
         if PATHS[path] is not None:
@@ -60,6 +62,29 @@ def main() -> None:
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def profile_prefill(model: torch.nn.Module, where: str, args: argparse.Namespace) -> None:
+    """One prefill of --prompt-len tokens, warm: wall time next to GPU busy time, and the host
+    ops that take longest (the time to first token at 128 tokens was ~37 ms on an H200 for
+    both HF and ktinject, far above the GPU work: host time, not yet located)."""
+    engine = Engine(model, cache_lens=args.prompt_len + 256)
+    prompt = list(range(1, args.prompt_len + 1))
+    for _ in range(2):
+        engine.prefill(0, prompt, reuse=False)[0].argmax().item()
+    started = time.perf_counter()
+    engine.prefill(0, prompt, reuse=False)[0].argmax().item()
+    wall_ms = (time.perf_counter() - started) * 1e3
+    activities = [ProfilerActivity.CPU]
+    if engine.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        engine.prefill(0, prompt, reuse=False)[0].argmax().item()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.device_time for e in kernels) / 1e3
+    print(f"\n== {args.shape} {args.dtype} on {where}, prefill of {args.prompt_len} tokens")
+    print(f"wall {wall_ms:.2f} ms; GPU busy {gpu_ms:.2f} ms in {len(kernels)} kernels")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.top))
 
 
 def profile_path(engine: Engine, path: str, where: str, args: argparse.Namespace) -> None:
