@@ -31,7 +31,7 @@ from ktinject.completion import Completion
 from ktinject.errors import ContextLengthError, KtinjectError
 from ktinject.sampling import SamplingParams
 from operators.layer import FusedResidualDecoderLayer
-from operators.triton.gemv import fused_gemv_pinned, prefer_fused_gemv
+from operators.triton.gemv import MAX_ROWS, fused_gemv_pinned, prefer_fused_gemv
 
 DEFAULT_CHUNK_SIZE = 8192
 
@@ -446,19 +446,24 @@ class Engine:
         the card and the shapes; measuring costs one more capture and a few ms of replays. The
         choice per batch size is kept for later captures (a grown cache) and in
         `fused_gemv_choice` (shown by `bench`)."""
-        pinned = fused_gemv_pinned()
-        if batch in self.fused_gemv_choice:
-            options = [self.fused_gemv_choice[batch]]
-        elif pinned is not None or not any(
-            isinstance(m, FusedResidualDecoderLayer) for m in self.model.modules()
-        ):
-            options = [bool(pinned)]
-        else:
-            options = [False, True]
+        options = self.decode_graph_options(batch)
         graphs = {fused: _DecodeGraph(self, batch, fused=fused) for fused in options}
         best = fastest({fused: graph.graph.replay for fused, graph in graphs.items()})
         self.fused_gemv_choice[batch] = best
         return graphs[best]
+
+    def decode_graph_options(self, batch: int) -> list[bool]:
+        """Which decode graphs (fused projections or not) a capture for `batch` rows tries."""
+        pinned = fused_gemv_pinned()
+        if batch in self.fused_gemv_choice:
+            return [self.fused_gemv_choice[batch]]
+        if pinned is not None:
+            return [pinned]
+        if batch > MAX_ROWS or not any(
+            isinstance(m, FusedResidualDecoderLayer) for m in self.model.modules()
+        ):
+            return [False]  # nothing would take the fused path: one capture is enough
+        return [False, True]
 
 
 class DecodeStep:

@@ -140,3 +140,20 @@ def test_fastest_keeps_the_quicker_candidate_and_skips_timing_a_single_one():
     assert fastest({"slow": slow, "quick": quick}, rounds=2, calls=2) == "quick"
     assert calls == {"slow": 6, "quick": 6}  # per round one warm call and two timed ones
     assert fastest({"only": slow}) == "only" and calls["slow"] == 6
+
+
+@pytest.mark.skipif(gemv.fused_gemv_pinned() is not None, reason="KTINJECT_FUSED_GEMV is set")
+def test_the_engine_tries_both_decode_graphs_only_where_they_can_differ():
+    from tiny_models import tiny_model
+
+    from ktinject import optimize
+    from ktinject.engine import Engine
+
+    patched, _ = optimize(tiny_model("llama"), "llama", strict=True)
+    engine = Engine(patched, cache_lens=32, num_slots=gemv.MAX_ROWS + 1)
+    assert engine.decode_graph_options(1) == [False, True]
+    assert engine.decode_graph_options(gemv.MAX_ROWS + 1) == [False]  # too many rows to fold
+    engine.fused_gemv_choice[1] = True  # a grown cache re-captures what was chosen
+    assert engine.decode_graph_options(1) == [True]
+    unpatched = Engine(tiny_model("llama"))  # no FusedResidualDecoderLayer: nothing to fold
+    assert unpatched.decode_graph_options(1) == [False]
