@@ -90,7 +90,7 @@ def launch_everything(dtype: torch.dtype) -> None:
         for rows in (1, 8):
             x = torch.empty(rows, 1, hidden, dtype=dtype)
             gemv.norm_linear(x, None, norm_w, 1e-5, w_qkv)
-            gemv.norm_linear(x, x, norm_w, 1e-5, w_qkv)
+            gemv.norm_linear(x, x, norm_w, 1e-5, torch.empty(2 * inter, hidden, dtype=dtype))
             gemv.silu_linear(torch.empty(rows, 1, 2 * inter, dtype=dtype), w_down, None, x)
             fused.rms_norm(x, norm_w, 1e-5)
             fused.add_rms_norm(x, x, norm_w, 1e-5)

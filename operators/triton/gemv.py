@@ -34,6 +34,7 @@ oracle.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 MAX_ROWS = 16  # rows (decode batch) one program multiplies at once
-BLOCK_N = 16  # output features per program
+TILE_ELEMENTS = 4096  # weight elements one program loads per step at batch 1 (8 KiB in bf16)
 
 _PINNED = os.environ.get("KTINJECT_FUSED_GEMV", "").strip()
 _preferred = False
@@ -311,6 +312,27 @@ def _check_operands(fn: str, x: torch.Tensor, weight: torch.Tensor, k: int, **ot
         raise ValueError(f"{fn} multiplies at most {MAX_ROWS} rows, got {rows}")
 
 
+def _tiles(rows: int, n: int, k: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K). Several rows: 16x16 tensor-core tiles. One row: the
+    product is latency bound at small-model shapes (SmolLM2's down projection is 576 outputs),
+    so output rows per program shrink until there are two programs per SM, and each program
+    then takes long strides along K (TILE_ELEMENTS per step) to need few steps."""
+    if rows > 1:
+        return 16, 16, max(16, min(64, _next_pow2(k)))
+    programs = 2 * _sm_count(device)
+    block_n = 16
+    while block_n > 1 and triton.cdiv(n, block_n) < programs:
+        block_n //= 2
+    return 1, block_n, max(16, min(TILE_ELEMENTS // block_n, _next_pow2(k)))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # an H100/H200's count; only tile sizes depend on it
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _launch(
     prologue: str,
     x: torch.Tensor,
@@ -335,9 +357,8 @@ def _launch(
     r2 = _rows("gemv", residual) if residual is not None else x2
     a2 = _rows("gemv", add) if add is not None else y2
     ro2 = res_out.view(rows, k) if res_out is not None else y2
-    block_m = 1 if rows == 1 else 16  # one row, or a tensor-core tile of 16
-    block_k = max(16, min(256 if rows == 1 else 64, _next_pow2(k)))
-    _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](
+    block_m, block_n, block_k = _tiles(rows, n, k, x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2,
         r2,
         norm_weight if norm_weight is not None else weight,
@@ -362,7 +383,7 @@ def _launch(
         HAS_BIAS=bias is not None,
         ADD_OUT=add is not None,
         BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         BLOCK_K=block_k,
         K_TILES=triton.cdiv(k, block_k),
         DOT_FP32=x.dtype == torch.float32 or _interpreted(),
