@@ -11,8 +11,12 @@ Two cache back-ends, chosen from the model itself:
 Decode runs through a captured CUDA graph on GPU; on CPU, `compile=True` (`--compile`) runs it
 through one `torch.compile` graph instead of ~20 eager ops per layer.
 
-`prefill` and `decode` are the primitives the server batches; `generate` is the single-sequence
-loop used by `run`, `chat` and `bench`.
+`prefill` and `decode` / `decode_sampled` are the primitives the server batches; `generate` is
+the single-sequence loop used by `run` and `chat` (and, step for step, by `bench`). Both loops
+feed each step the token sampled by the previous one while it is still on the device
+(`decode_sampled`), so on a GPU the host's per-token work overlaps the step. A decode graph is
+captured per batch size, twice where the decoder layers can fold their norms into the
+projections (`operators.triton.gemv`), and the faster replay is kept.
 """
 
 from __future__ import annotations
