@@ -78,10 +78,12 @@ def allow_cpu_tensors() -> None:
 
 
 def launch_everything(dtype: torch.dtype) -> None:
-    """Every entry point at SmolLM2-135M and Llama-3-8B decode shapes (1 and 8 rows)."""
+    """Every entry point at the tests' tiny shapes and at SmolLM2-135M and Llama-3-8B decode
+    shapes (1 and 8 rows)."""
     from operators.triton import decode_attention, fused, gemv
 
-    for hidden, inter, heads, kv_heads, dim in ((576, 1536, 9, 3, 64), (4096, 14336, 32, 8, 128)):
+    shapes = ((64, 128, 4, 2, 16), (576, 1536, 9, 3, 64), (4096, 14336, 32, 8, 128))
+    for hidden, inter, heads, kv_heads, dim in shapes:
         qkv_rows = (heads + 2 * kv_heads) * dim
         norm_w = torch.ones(hidden, dtype=dtype)
         w_qkv = torch.empty(qkv_rows, hidden, dtype=dtype)
@@ -111,6 +113,19 @@ def launch_everything(dtype: torch.dtype) -> None:
                 decode_attention.decode_attention(
                     q[:, :, 0], part, part, slots, lengths, 0.1, counters=merge
                 )
+
+
+def variant(kernel) -> str:
+    """The pointer dtype and the block sizes a variant was compiled for."""
+    source = kernel.src
+    names = source.fn.arg_names
+    pointers = {t for t in source.signature.values() if str(t).startswith("*")}
+    blocks = {
+        names[index[0]]: value
+        for index, value in source.constants.items()
+        if names[index[0]].startswith(("BLOCK", "HEAD_DIM"))
+    }
+    return f"{sorted(pointers)[:1]} {blocks}"
 
 
 def ptxas_summary(kernel, arch: int) -> str:
@@ -146,14 +161,14 @@ def main() -> int:
     compiled: list = []
     compile_instead_of_launching(compiled)
     allow_cpu_tensors()
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         launch_everything(dtype)
     seen = set()
     for name, kernel in compiled:
         if id(kernel) in seen:
             continue
         seen.add(id(kernel))
-        print(f"sm_{args.arch} {name}: {ptxas_summary(kernel, args.arch)}")
+        print(f"sm_{args.arch} {name}: {ptxas_summary(kernel, args.arch)} {variant(kernel)}")
     print(f"compiled {len(seen)} kernel variants for sm_{args.arch}")
     return 0
 

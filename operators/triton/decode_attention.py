@@ -582,7 +582,9 @@ def decode_attention(
         # fp32 caches: exact fp32 products (the default would silently round to tf32).
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         UPCAST_DOT=interpreted and k_cache.dtype == torch.bfloat16,
-        num_warps=4,
+        # fp32 products run on FMA units, not tensor cores: at D > 64 four warps spill registers
+        # on sm_90 (ptxas, tests/compile_for_gpu.py)
+        num_warps=8 if k_cache.dtype == torch.float32 and D > 64 else 4,
         num_stages=2,
     )
     if not single and not fused_combine:
