@@ -176,8 +176,7 @@ if triton is not None:
         acc_ptr,
         out_ptr,
         b,
-        heads,
-        g_mask,
+        kvh,
         offs_d,
         d_mask,
         n_live,
@@ -191,33 +190,45 @@ if triton is not None:
         stride_ob,
         stride_oh,
         stride_od,
-        BLOCK_G: tl.constexpr,
+        GROUP: tl.constexpr,
+        MERGE_G: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
     ):
-        # Merge the partial (max, sum, accumulator) of the n_live splits of a group of heads and
-        # write the normalised output; splits past n_live were never written and are not read.
-        # Padded heads (g_mask false) compute garbage that is never stored.
+        # Merge the partial (max, sum, accumulator) of the n_live splits of the GROUP query heads
+        # of kv head `kvh` and write the normalised output; splits past n_live were never
+        # written and are not read. BLOCK_S splits are loaded at once, so a long context's
+        # dozens of splits cost a few dependent memory round trips, not one each. Padded heads
+        # (g_mask false) stay finite and are never stored.
+        offs_g = tl.arange(0, MERGE_G)
+        g_mask = offs_g < GROUP
+        heads = kvh * GROUP + offs_g
+        offs_s = tl.arange(0, BLOCK_S)
         row = b.to(tl.int64) * stride_mb + heads * stride_mh
-        a_row = acc_ptr + b.to(tl.int64) * stride_ab + heads[:, None] * stride_ah
-        m_run = tl.where(g_mask, float("-inf"), 0.0)  # padded heads stay finite (no NaN)
-        l_run = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for s in range(NUM_SPLITS):  # static bound; split 0 is always live
-            live = g_mask & (s < n_live)
-            m = tl.load(m_ptr + row + s * stride_ms, mask=live, other=float("-inf"))
-            m = tl.where(g_mask, m, 0.0)
-            lsum = tl.load(l_ptr + row + s * stride_ms, mask=live, other=0.0)
+        a_row = acc_ptr + b.to(tl.int64) * stride_ab + heads * stride_ah
+        m_run = tl.where(g_mask, float("-inf"), 0.0)
+        l_run = tl.zeros([MERGE_G], tl.float32)
+        acc = tl.zeros([MERGE_G, BLOCK_D], tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):  # static bound; split 0 is always live
+            splits = s0 + offs_s
+            live = g_mask[:, None] & (splits < n_live)[None, :]
+            at = row[:, None] + splits[None, :] * stride_ms
+            m = tl.load(m_ptr + at, mask=live, other=float("-inf"))
+            m = tl.where(g_mask[:, None], m, 0.0)
+            lsum = tl.load(l_ptr + at, mask=live, other=0.0)
             part = tl.load(
-                a_row + s * stride_as + offs_d[None, :] * stride_ad,
-                mask=live[:, None] & d_mask[None, :],
+                a_row[:, None, None]
+                + splits[None, :, None] * stride_as
+                + offs_d[None, None, :] * stride_ad,
+                mask=live[:, :, None] & d_mask[None, None, :],
                 other=0.0,
             )
-            m_new = tl.maximum(m_run, m)
+            m_new = tl.maximum(m_run, tl.max(m, axis=1))
             alpha = tl.exp2(m_run - m_new)
-            w = tl.exp2(m - m_new)
-            l_run = l_run * alpha + w * lsum
-            acc = acc * alpha[:, None] + w[:, None] * part
+            w = tl.exp2(m - m_new[:, None])  # 0 for dead splits
+            l_run = l_run * alpha + tl.sum(w * lsum, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, axis=1)
             m_run = m_new
         out = acc / tl.where(g_mask, l_run, 1.0)[:, None]
         o_ptrs = (
@@ -273,6 +284,8 @@ if triton is not None:
         SINGLE_SPLIT: tl.constexpr,
         FUSED_COMBINE: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
+        MERGE_G: tl.constexpr,
+        BLOCK_S: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
     ):
@@ -377,8 +390,7 @@ if triton is not None:
                             acc_ptr,
                             out_ptr,
                             b,
-                            heads,
-                            g_mask,
+                            kvh,
                             offs_d,
                             d_mask,
                             n_live,
@@ -392,8 +404,10 @@ if triton is not None:
                             stride_ob,
                             stride_oh,
                             stride_od,
-                            BLOCK_G,
+                            GROUP,
+                            MERGE_G,
                             BLOCK_D,
+                            BLOCK_S,
                             NUM_SPLITS,
                         )
                         tl.atomic_xchg(counter, 0, sem="relaxed")  # ready for the next call
@@ -418,8 +432,9 @@ if triton is not None:
         stride_od,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
-        BLOCK_G: tl.constexpr,
+        MERGE_G: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,
         SPLIT_LEN: tl.constexpr,
         NUM_SPLITS: tl.constexpr,
     ):
@@ -428,7 +443,6 @@ if triton is not None:
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         seq_len = tl.minimum(tl.load(seq_lens_ptr + b).to(tl.int32), cache_len)
-        offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         _merge_splits(
             m_ptr,
@@ -436,8 +450,7 @@ if triton is not None:
             acc_ptr,
             out_ptr,
             b,
-            kvh * GROUP + offs_g,
-            offs_g < GROUP,
+            kvh,
             offs_d,
             offs_d < HEAD_DIM,
             tl.cdiv(seq_len, SPLIT_LEN),
@@ -451,8 +464,10 @@ if triton is not None:
             stride_ob,
             stride_oh,
             stride_od,
-            BLOCK_G,
+            GROUP,
+            MERGE_G,
             BLOCK_D,
+            BLOCK_S,
             NUM_SPLITS,
         )
 
@@ -489,8 +504,8 @@ def decode_attention(
             ``split_len``).  Default ``min(64, split_len)``.
         counters: int32 ``[>= B, >= Hkv]`` on the device, all zero, kept by the caller across
             calls (e.g. one per cache). With it the last split of each (row, kv head) to finish
-            merges the splits itself and the second launch is skipped; every call leaves the
-            counters at zero again.
+            merges the splits itself and the second launch is skipped (except for fp32 caches
+            with D > 64); every call leaves the counters at zero again.
 
     Supports any head dim ``1 <= D <= 256`` (non powers of two such as 96 are padded and
     masked).  Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -528,7 +543,14 @@ def decode_attention(
 
     num_splits = triton.cdiv(L, split_len)
     single = num_splits == 1
-    fused_combine = counters is not None and not single
+    block_d = max(16, _next_pow2(D))
+    # the merge: a group's query heads and BLOCK_S splits at once (MERGE_G * BLOCK_S * D <= 4096)
+    merge_g = _next_pow2(group)
+    block_s = max(1, min(_next_pow2(num_splits), 4096 // (merge_g * block_d)))
+    # fp32 at D > 64 already fills the registers of the split kernel (FMA products): merging
+    # in it too spills on sm_90, so it keeps the second launch (fp32 serves exactness tests)
+    wide_fp32 = k_cache.dtype == torch.float32 and D > 64
+    fused_combine = counters is not None and not single and not wide_fp32
     if counters is not None and (
         counters.dtype != torch.int32
         or counters.dim() != 2
@@ -541,7 +563,6 @@ def decode_attention(
             f"counters must be int32 [>= {B}, >= {Hkv}] with contiguous rows on {q.device}, got "
             f"{counters.dtype} {tuple(counters.shape)} on {counters.device}"
         )
-    block_d = max(16, _next_pow2(D))
     if single:  # the split kernel writes the output directly; the workspace is unused
         m_ws = l_ws = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
         acc_ws = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
@@ -579,6 +600,8 @@ def decode_attention(
         SINGLE_SPLIT=single,
         FUSED_COMBINE=fused_combine,
         NUM_SPLITS=num_splits,
+        MERGE_G=merge_g,
+        BLOCK_S=block_s,
         # fp32 caches: exact fp32 products (the default would silently round to tf32).
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         UPCAST_DOT=interpreted and k_cache.dtype == torch.bfloat16,
@@ -600,8 +623,9 @@ def decode_attention(
             *out.stride(),
             GROUP=group,
             HEAD_DIM=D,
-            BLOCK_G=max(16, _next_pow2(group)),
+            MERGE_G=merge_g,
             BLOCK_D=block_d,
+            BLOCK_S=block_s,
             SPLIT_LEN=split_len,
             NUM_SPLITS=num_splits,
             num_warps=4,
