@@ -108,7 +108,7 @@ def launch_everything(dtype: torch.dtype) -> None:
             fused.write_kv(k[:, :, 0], v[:, :, 0], cache, cache, slots, positions)
             lengths = torch.ones(rows, dtype=torch.long)
             counters = torch.zeros(rows, kv_heads, dtype=torch.int32)
-            for cache_len, merge in ((256, None), (4096, None), (4096, counters)):
+            for cache_len, merge in ((64, counters), (256, None), (4096, None), (4096, counters)):
                 part = cache[:, :, :cache_len]
                 decode_attention.decode_attention(
                     q[:, :, 0], part, part, slots, lengths, 0.1, counters=merge

@@ -349,19 +349,19 @@ if triton is not None:
                 acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
                 m_i = m_new
 
-            if SINGLE_SPLIT:
-                out = acc / l_i[:, None]
-                o_ptrs = (
-                    out_ptr
-                    + b.to(tl.int64) * stride_ob
-                    + heads[:, None] * stride_oh
-                    + offs_d[None, :] * stride_od
-                )
-                tl.store(
-                    o_ptrs,
-                    out.to(out_ptr.dtype.element_ty),
-                    mask=g_mask[:, None] & d_mask[None, :],
-                )
+            o_ptrs = (
+                out_ptr
+                + b.to(tl.int64) * stride_ob
+                + heads[:, None] * stride_oh
+                + offs_d[None, :] * stride_od
+            )
+            o_mask = g_mask[:, None] & d_mask[None, :]
+            n_live = tl.cdiv(seq_len, SPLIT_LEN)
+            # Merging needs no second launch when the caller keeps counters, and nothing at all
+            # when this split is the only live one (SmolLM2 at short context): then it writes
+            # the normalised output itself, like a single-split cache.
+            if SINGLE_SPLIT or (FUSED_COMBINE and n_live == 1):
+                tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
             else:
                 row = b.to(tl.int64) * stride_mb + heads * stride_mh + split * stride_ms
                 tl.store(m_ptr + row, m_i, mask=g_mask)
@@ -373,16 +373,15 @@ if triton is not None:
                     + split * stride_as
                     + offs_d[None, :] * stride_ad
                 )
-                tl.store(a_ptrs, acc, mask=g_mask[:, None] & d_mask[None, :])
+                tl.store(a_ptrs, acc, mask=o_mask)
                 if FUSED_COMBINE:
-                    # The last live split of this (row, kv head) to finish merges them all, so no
-                    # second launch is needed. The barrier orders this program's partial stores
-                    # before its arrival (release); the last arrival's acquire orders the other
-                    # programs' partials before its loads.
+                    # The last live split of this (row, kv head) to finish merges them all. The
+                    # barrier orders this program's partial stores before its arrival (release);
+                    # the last arrival's acquire orders the other programs' partials before its
+                    # loads (CUTLASS's semaphore pattern).
                     tl.debug_barrier()
                     counter = counter_ptr + b.to(tl.int64) * stride_cnt + kvh
                     arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-                    n_live = tl.cdiv(seq_len, SPLIT_LEN)
                     if arrived == n_live - 1:
                         _merge_splits(
                             m_ptr,
