@@ -27,9 +27,9 @@ Numerics
 --------
 The inputs of the product are rounded exactly where Hugging Face materialises them (the residual
 sum, the normalised activations, the weighted norm output, ``silu(gate)``, the SiLU product), so
-the only difference from HF is the order of the fp32 accumulation inside the product (cuBLAS
-uses its own). The ``*_reference`` functions are HF's ops in HF's order: the CPU path and the test
-oracle.
+the differences from HF are the order of the fp32 accumulation inside the product (cuBLAS uses
+its own) and, as in ``fused.py``, a few fp32 ulps of ``rsqrt`` / ``exp``. The ``*_reference``
+functions are HF's ops in HF's order: the CPU path and the test oracle.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ if triton is not None:
 
 __all__ = [
     "MAX_ROWS",
+    "fused_gemv_pinned",
     "fused_gemv_preferred",
     "norm_linear",
     "norm_linear_reference",
