@@ -293,3 +293,25 @@ def test_compile_is_refused_with_a_reason_for_hugging_face_experts() -> None:
     engine = Engine(model, compile=True)
     assert engine.compiled is None
     assert "MoE experts" in engine.compile_blocked_by
+
+
+def test_rows_sample_together_as_each_would_alone() -> None:
+    """The server samples a batch at once: greedy rows in one argmax, other rows with their own
+    settings and seeded generators, exactly as each request would on its own."""
+    from ktinject.completion import Completion, sample_rows
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+
+    def completions() -> list[Completion]:
+        settings = [
+            SamplingParams(),
+            SamplingParams(temperature=0.8, top_p=0.9, seed=3),
+            SamplingParams(temperature=1.2, top_k=5, seed=4),
+        ]
+        cpu = torch.device("cpu")
+        return [Completion(p, tokenizer=None, eos_ids=set(), device=cpu) for p in settings]
+
+    together = sample_rows(completions(), logits)
+    alone = [c.sample_on_device(row)[0] for c, row in zip(completions(), logits, strict=True)]
+    assert together.tolist() == [int(t) for t in alone]
+    assert together[0] == logits[0].argmax()
