@@ -202,7 +202,8 @@ class Scheduler:
         if not going:
             return
         try:
-            self.sampled = sample_rows([batch[row].completion for row in going], logits[going])
+            rows = logits if len(going) == len(batch) else logits[going]
+            self.sampled = sample_rows([batch[row].completion for row in going], rows)
         except Exception as exc:
             for row in going:
                 self._fail(batch[row], exc)
