@@ -313,13 +313,17 @@ def _check_operands(fn: str, x: torch.Tensor, weight: torch.Tensor, k: int, **ot
         raise ValueError(f"{fn} multiplies at most {MAX_ROWS} rows, got {rows}")
 
 
-def _tiles(rows: int, n: int, k: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K). Several rows: 16x16 tensor-core tiles. One row: the
-    product is latency bound at small-model shapes (SmolLM2's down projection is 576 outputs),
-    so output rows per program shrink until there are two programs per SM, and each program
-    then takes long strides along K (TILE_ELEMENTS per step) to need few steps."""
+def _tiles(
+    rows: int, n: int, k: int, dtype: torch.dtype, device: torch.device
+) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K). At small-model shapes the product is latency bound
+    (SmolLM2's down projection has 576 outputs), so programs take long strides along K to need
+    few steps. Several rows: 16x16 tensor-core tiles, 256 deep (64 for fp32, whose FMA products
+    spill registers deeper on sm_90). One row: output rows per program shrink until there are
+    two programs per SM, each step loading TILE_ELEMENTS weights."""
     if rows > 1:
-        return 16, 16, max(16, min(64, _next_pow2(k)))
+        depth = 64 if dtype == torch.float32 else 256
+        return 16, 16, max(16, min(depth, _next_pow2(k)))
     programs = 2 * _sm_count(device)
     block_n = 16
     while block_n > 1 and triton.cdiv(n, block_n) < programs:
@@ -358,7 +362,7 @@ def _launch(
     r2 = _rows("gemv", residual) if residual is not None else x2
     a2 = _rows("gemv", add) if add is not None else y2
     ro2 = res_out.view(rows, k) if res_out is not None else y2
-    block_m, block_n, block_k = _tiles(rows, n, k, x.device)
+    block_m, block_n, block_k = _tiles(rows, n, k, x.dtype, x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2,
         r2,
