@@ -571,3 +571,22 @@ def test_rope_write_kv_is_rope_then_write_kv(dtype, Hq, Hkv, D) -> None:
     assert_close(q_out, q_ref, dtype, exact=True)
     for cache, reference in zip(caches, expected, strict=True):
         assert_close(cache, reference, dtype, exact=True)
+
+
+@needs_triton
+def test_rope_write_kv_broadcasts_cos_sin_over_the_batch() -> None:
+    """Position embeddings shared by every row ([1, 1, D]) are read with a zero batch stride."""
+    B, Hq, Hkv, D = 3, 4, 2, 32
+    qkv = randn(B, 1, (Hq + 2 * Hkv) * D, dtype=torch.float32, seed=11)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = (t.view(B, 1, -1, D).transpose(1, 2) for t in (q, k, v))
+    cos, sin = rotary(1, 1, D, torch.float32, offset=5)
+    caches = [torch.zeros(B, Hkv, 8, D, device=DEVICE) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    slots, positions = torch.arange(B, device=DEVICE), torch.tensor([1, 6, 3], device=DEVICE)
+    q_ref, k_ref = fmod.rope_reference(q, k, cos.expand(B, 1, D), sin.expand(B, 1, D))
+    fmod.write_kv_reference(k_ref[:, :, 0], v[:, :, 0], *expected, slots, positions)
+    q_out = fmod.rope_write_kv(q, k, v, cos, sin, *caches, slots, positions)
+    assert_close(q_out, q_ref, torch.float32, exact=True)
+    for cache, reference in zip(caches, expected, strict=True):
+        assert_close(cache, reference, torch.float32, exact=True)
