@@ -21,6 +21,7 @@ projections (`operators.triton.gemv`), and the faster replay is kept.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from operators.layer import FusedResidualDecoderLayer
 from operators.triton.gemv import MAX_ROWS, fused_gemv_pinned, prefer_fused_gemv
 
 DEFAULT_CHUNK_SIZE = 8192
+log = logging.getLogger("ktinject.engine")
 
 
 @dataclass
@@ -446,13 +448,22 @@ class Engine:
 
     def _capture_fastest(self, batch: int) -> _DecodeGraph:
         """Capture the decode step with the norms folded into the projections and without
-        (`operators.triton.gemv`), time both replays, keep the faster. Which wins depends on
-        the card and the shapes; measuring costs one more capture and a few ms of replays. The
-        choice per batch size is kept for later captures (a grown cache) and in
-        `fused_gemv_choice` (shown by `bench`)."""
+        (`operators.triton.gemv`), time both replays, keep the faster — the fused one only if
+        its logits agree with the plain one's (`same_logits`). Which wins depends on the card
+        and the shapes; measuring costs one more capture and a few ms of replays. The choice per
+        batch size is kept for later captures (a grown cache) and in `fused_gemv_choice`
+        (shown by `bench`)."""
         options = self.decode_graph_options(batch)
         graphs = {fused: _DecodeGraph(self, batch, fused=fused) for fused in options}
         best = fastest({fused: graph.graph.replay for fused, graph in graphs.items()})
+        if len(graphs) > 1 and best and not same_logits(graphs[True].logits, graphs[False].logits):
+            # both replayed the same inputs last: a faster graph that disagrees is not kept
+            log.warning(
+                "decode graph with fused projections disagrees with the plain one at batch %d; "
+                "keeping the plain one (KTINJECT_FUSED_GEMV=0 skips the fused one)",
+                batch,
+            )
+            best = False
         self.fused_gemv_choice[batch] = best
         return graphs[best]
 
@@ -637,6 +648,18 @@ class _DecodeGraph:
         self.step.load(slots, token_ids, positions)
         self.graph.replay()
         return self.logits
+
+
+def same_logits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two decode paths' logits [B, V] agree within the project's tolerance relative to
+    the logit scale: 2e-2 in 16-bit dtypes, 1e-3 in fp32 (where only the accumulation order
+    differs). Non-finite values never agree."""
+    tolerance = 1e-3 if a.dtype == b.dtype == torch.float32 else 2e-2
+    a, b = a.float(), b.float()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return False
+    scale = b.abs().max().clamp_min(1e-6)
+    return bool((a - b).abs().max() <= tolerance * scale)
 
 
 def fastest(candidates: dict[Any, Callable[[], Any]], *, rounds: int = 3, calls: int = 8) -> Any:

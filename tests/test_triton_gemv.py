@@ -157,3 +157,15 @@ def test_the_engine_tries_both_decode_graphs_only_where_they_can_differ():
     assert engine.decode_graph_options(1) == [True]
     unpatched = Engine(tiny_model("llama"))  # no FusedResidualDecoderLayer: nothing to fold
     assert unpatched.decode_graph_options(1) == [False]
+
+
+def test_a_faster_graph_must_agree_with_the_plain_one():
+    """The engine keeps the fused decode graph only if its logits match the plain graph's."""
+    from ktinject.engine import same_logits
+
+    plain = torch.randn(2, 100, generator=torch.Generator().manual_seed(0)) * 5
+    assert same_logits(plain + 1e-4, plain)
+    assert not same_logits(plain + 0.5, plain)  # 0.5 of a ~20 scale: over 1e-3
+    assert same_logits((plain + 0.1).bfloat16(), plain.bfloat16())
+    assert not same_logits(plain.bfloat16().roll(1, dims=1), plain.bfloat16())
+    assert not same_logits(torch.full_like(plain, float("nan")), plain)
