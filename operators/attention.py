@@ -153,6 +153,11 @@ class StaticCacheAttention(Operator):
         `operators.layer`) continues here."""
         batch, length, _ = qkv.shape
         q, k, v = qkv.split(self.split, dim=-1)
+        context = current_context()
+        fused = self.fused_rope and use_triton(qkv)
+        # decode on GPU: per-head norms, rotation and the K/V write in one launch
+        one_launch = fused and context is not None and context.prefill_start is None
+        head_norms = self._head_norms(qkv.dtype) if one_launch else None
         if self.q_norm is not None and not self.norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -160,17 +165,16 @@ class StaticCacheAttention(Operator):
         q = q.view(batch, length, self.num_heads, self.head_dim)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim)
-        if self.norm_per_head:
+        if self.norm_per_head and head_norms is None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
-        fused = self.fused_rope and use_triton(q)
-        context = current_context()
-        if fused and context is not None and context.prefill_start is None:
-            # decode on GPU: rotate q and k and write k/v to the cache in one launch
+        if one_launch:
             k_cache, v_cache = context.cache.kv[self.layer_idx]
             rows, positions = context.slots, context.positions[:, 0]
-            q = rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, rows, positions)
+            q = rope_write_kv(
+                q, k, v, cos, sin, k_cache, v_cache, rows, positions, head_norms=head_norms
+            )
             out = self._attend_cache(q, context)
             return self.o_proj(out.reshape(batch, length, -1))
         q, k = (rope if fused else self.rotary)(q, k, cos, sin)
@@ -181,6 +185,17 @@ class StaticCacheAttention(Operator):
         else:
             out = self._decode(q, k, v, context)
         return self.o_proj(out.reshape(batch, length, -1))
+
+    def _head_norms(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(q weight, k weight, eps) of per-head RMSNorms that `rope_write_kv` can apply itself:
+        RMSNorm-like modules whose weights have the activations' dtype (else None)."""
+        if not self.norm_per_head:
+            return None
+        norms = (self.q_norm, self.k_norm)
+        eps = {getattr(n, "variance_epsilon", getattr(n, "eps", None)) for n in norms}
+        if len(eps) != 1 or None in eps or any(n.weight.dtype != dtype for n in norms):
+            return None
+        return self.q_norm.weight, self.k_norm.weight, float(eps.pop())
 
     def _hf_attention(
         self,

@@ -105,6 +105,8 @@ def launch_everything(dtype: torch.dtype) -> None:
             positions = torch.zeros(rows, 1, dtype=torch.long)[:, 0]
             fused.rope(q, k, cos, sin)
             fused.rope_write_kv(q, k, v, cos, sin, cache, cache, slots, positions)
+            norms = (torch.ones(dim, dtype=dtype), torch.ones(dim, dtype=dtype), 1e-6)
+            fused.rope_write_kv(q, k, v, cos, sin, cache, cache, slots, positions, head_norms=norms)
             fused.write_kv(k[:, :, 0], v[:, :, 0], cache, cache, slots, positions)
             lengths = torch.ones(rows, dtype=torch.long)
             counters = torch.zeros(rows, kv_heads, dtype=torch.int32)

@@ -590,3 +590,40 @@ def test_rope_write_kv_broadcasts_cos_sin_over_the_batch() -> None:
     assert_close(q_out, q_ref, torch.float32, exact=True)
     for cache, reference in zip(caches, expected, strict=True):
         assert_close(cache, reference, torch.float32, exact=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_write_kv_folds_per_head_norms(dtype) -> None:
+    """Qwen3's per-head q/k RMSNorms inside the same launch: equal to rms_norm_reference per
+    head, then rope, then write_kv (within the norms' last-bit tolerance)."""
+    B, Hq, Hkv, D = 2, 4, 2, 64
+    qkv = randn(B, 1, (Hq + 2 * Hkv) * D, dtype=dtype, seed=13, scale=3.0)
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q, k, v = (t.view(B, 1, -1, D) for t in (q, k, v))
+    q_w, k_w = norm_weight(D, dtype, seed=14), norm_weight(D, dtype, seed=15)
+    cos, sin = rotary(B, 1, D, dtype, offset=2)
+    caches = [torch.zeros(3, Hkv, 8, D, dtype=dtype, device=DEVICE) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    slots, positions = torch.tensor([2, 0], device=DEVICE), torch.tensor([7, 1], device=DEVICE)
+    q_n = fmod.rms_norm_reference(q, q_w, EPS).transpose(1, 2)
+    k_n = fmod.rms_norm_reference(k, k_w, EPS).transpose(1, 2)
+    q_ref, k_ref = fmod.rope_reference(q_n, k_n, cos, sin)
+    fmod.write_kv_reference(k_ref[:, :, 0], v.transpose(1, 2)[:, :, 0], *expected, slots, positions)
+    q_out = fmod.rope_write_kv(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        cos,
+        sin,
+        *caches,
+        slots,
+        positions,
+        head_norms=(q_w, k_w, EPS),
+    )
+    # rotation sums products of either sign, so errors are bounded relative to the scale of
+    # the values (interpreted bf16 casts truncate, compounding norm and rotation roundings)
+    step = {torch.float32: 2e-6, torch.float16: 2**-9, torch.bfloat16: 2**-5}[dtype]
+    for out, ref in ((q_out, q_ref), *zip(caches, expected, strict=True)):
+        scale = ref.float().abs().max().item()
+        torch.testing.assert_close(out.float(), ref.float(), atol=step * scale, rtol=0)

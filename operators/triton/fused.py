@@ -341,14 +341,27 @@ if triton is not None:
         s2,
         stride_h,
         stride_oh,
+        norm_ptr,
+        eps,
         HALF: tl.constexpr,
+        NORM: tl.constexpr,
     ):
-        # src_row / dst_row point at head 0 of one token in the source and destination.
+        # src_row / dst_row point at head 0 of one token in the source and destination. With
+        # NORM, each head is first RMS-normalised over its D values with the weight at norm_ptr
+        # (Qwen3's per-head q/k norm; HF's rounding points, as `rms_norm`).
         mask = head_mask[:, None] & d_mask[None, :]
         src = src_row + heads[:, None] * stride_h + offs[None, :]
         # Negate in fp32 (exact), not in the storage dtype.
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            dtype = dst_row.dtype.element_ty
+            variance = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
+            rstd = tl.math.rsqrt(variance + eps)[:, None]
+            w1 = tl.load(norm_ptr + offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            w2 = tl.load(norm_ptr + HALF + offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         # rotate_half(x) = cat(-x2, x1): first half x1*cos1 - x2*sin1, second x2*cos2 + x1*sin2.
         o1 = _rotate_pair(x1, c1[None, :], -x2, s1[None, :], dst_row.dtype.element_ty)
         o2 = _rotate_pair(x2, c2[None, :], x1, s2[None, :], dst_row.dtype.element_ty)
@@ -399,6 +412,9 @@ if triton is not None:
         vo_ptr,
         slots_ptr,
         positions_ptr,
+        q_norm_ptr,
+        k_norm_ptr,
+        eps,
         n_tokens,
         stride_qb,
         stride_qt,
@@ -428,6 +444,7 @@ if triton is not None:
         BLOCK_H: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
         WRITE_KV: tl.constexpr,
+        NORM: tl.constexpr,
     ):
         # Program (token, head block): heads [0, HQ) of the block range are q heads, heads
         # [HQ, HQ + HKV) are k heads, so one launch covers both tensors.  With WRITE_KV (decode,
@@ -452,7 +469,22 @@ if triton is not None:
         qo_row = qo_ptr + b * stride_qob + t * stride_qot
         q_heads = tl.where(is_q, heads, 0)
         _rope_heads(
-            q_row, qo_row, q_heads, is_q, offs, d_mask, c1, c2, s1, s2, stride_qh, stride_qoh, HALF
+            q_row,
+            qo_row,
+            q_heads,
+            is_q,
+            offs,
+            d_mask,
+            c1,
+            c2,
+            s1,
+            s2,
+            stride_qh,
+            stride_qoh,
+            q_norm_ptr,
+            eps,
+            HALF,
+            NORM,
         )
         is_k = (heads >= HQ) & (heads < HQ + HKV)
         k_row = k_ptr + b * stride_kb + t * stride_kt
@@ -479,7 +511,10 @@ if triton is not None:
             s2,
             stride_kh,
             stride_out_h,
+            k_norm_ptr,
+            eps,
             HALF,
+            NORM,
         )
         if WRITE_KV:
             is_v = (heads >= HQ + HKV) & (heads < HQ + 2 * HKV)
@@ -747,9 +782,14 @@ def rope_write_kv(
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     positions: torch.Tensor,
+    *,
+    head_norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """A decode step's :func:`rope` and :func:`write_kv` in one launch: returns the rotated q
     and writes the rotated k and v into the caches (``cache[slots[b], :, positions[b]]``).
+    ``head_norms = (q_weight, k_weight, eps)`` first RMS-normalises every q and k head over its
+    ``D`` values (Qwen3's per-head norms, :func:`rms_norm_reference` numerics; weights ``[D]``
+    of q's dtype), saving those two launches as well.
 
     ``q`` ``[B, Hq, 1, D]``, ``k``/``v`` ``[B, Hkv, 1, D]`` (HF's layout, e.g. transposed views
     of a fused qkv projection), ``cos``/``sin`` ``[B, 1, D]`` or ``[1, 1, D]``, caches
@@ -778,9 +818,26 @@ def rope_write_kv(
             f"rope_write_kv: caches must be [S, {k.shape[1]}, L, {D}] of {k.dtype} with one "
             f"layout, got {tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)}"
         )
+    if head_norms is not None:
+        for weight in head_norms[:2]:
+            _check_norm(q[:, 0, 0], weight)
+            if weight.dtype != q.dtype or weight.stride(-1) != 1:
+                raise TypeError(
+                    f"rope_write_kv: head norm weights must be contiguous {q.dtype}, got "
+                    f"{weight.dtype} with strides {weight.stride()}"
+                )
     q_out = torch.empty((B, 1, Hq, D), dtype=q.dtype, device=q.device)
     cache = (v.transpose(1, 2), v_cache, slots, positions)
-    _rope_launch(q.transpose(1, 2), k.transpose(1, 2), cos, sin, q_out, k_cache, cache=cache)
+    _rope_launch(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        cos,
+        sin,
+        q_out,
+        k_cache,
+        cache=cache,
+        head_norms=head_norms,
+    )
     return q_out.transpose(1, 2)
 
 
@@ -793,9 +850,11 @@ def _rope_launch(
     k_out: torch.Tensor,
     *,
     cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    head_norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> None:
     """Launch `_rope_kernel` on [B, T, H, D] views. With `cache = (v, v_cache, slots,
-    positions)`, `k_out` is the K cache and v is copied into `v_cache`."""
+    positions)`, `k_out` is the K cache and v is copied into `v_cache`; with `head_norms`, q and
+    k heads are RMS-normalised first."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     heads = Hq + Hkv * (2 if cache is not None else 1)
@@ -825,6 +884,7 @@ def _rope_launch(
         v_out,
         slots,
         positions,
+        *(head_norms if head_norms is not None else (q, q, 0.0)),  # q: unused pointers
         T,
         *q.stride()[:3],
         *k.stride()[:3],
@@ -841,6 +901,7 @@ def _rope_launch(
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         WRITE_KV=cache is not None,
+        NORM=head_norms is not None,
         num_warps=4 if block_h * block_half >= 512 else 1,
         # No fused multiply-add: HF rounds each product before the sum (matters for fp32).
         enable_fp_fusion=False,
