@@ -176,14 +176,14 @@ class StaticCacheAttention(Operator):
                 q, k, v, cos, sin, k_cache, v_cache, rows, positions, head_norms=head_norms
             )
             out = self._attend_cache(q, context)
-            return self.o_proj(out.reshape(batch, length, -1))
-        q, k = (rope if fused else self.rotary)(q, k, cos, sin)
-        if context is None:
-            out = self._hf_attention(q, k, v, attention_mask, past_key_values)
-        elif context.prefill_start is not None:
-            out = self._prefill(q, k, v, context)
         else:
-            out = self._decode(q, k, v, context)
+            q, k = (rope if fused else self.rotary)(q, k, cos, sin)
+            if context is None:
+                out = self._hf_attention(q, k, v, attention_mask, past_key_values)
+            elif context.prefill_start is not None:
+                out = self._prefill(q, k, v, context)
+            else:
+                out = self._decode(q, k, v, context)
         return self.o_proj(out.reshape(batch, length, -1))
 
     def _head_norms(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:

@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-from operators.triton.fused import _check_triton_call
+from operators.triton.fused import _check_triton_call, interpreted
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
@@ -523,7 +523,6 @@ def decode_attention(
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     _check_triton_call("decode_attention", q, k_cache, v_cache, slots, seq_lens)
-    interpreted = not isinstance(_decode_split_kernel, triton.runtime.JITFunction)
 
     group = Hq // Hkv
     if split_len is None:
@@ -603,7 +602,7 @@ def decode_attention(
         BLOCK_S=block_s,
         # fp32 caches: exact fp32 products (the default would silently round to tf32).
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=interpreted and k_cache.dtype == torch.bfloat16,
+        UPCAST_DOT=interpreted() and k_cache.dtype == torch.bfloat16,
         # fp32 products run on FMA units, not tensor cores: at D > 64 four warps spill registers
         # on sm_90 (ptxas, tests/compile_for_gpu.py)
         num_warps=8 if k_cache.dtype == torch.float32 and D > 64 else 4,

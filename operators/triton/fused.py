@@ -61,6 +61,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 __all__ = [
     "add_rms_norm",
     "add_rms_norm_reference",
+    "interpreted",
     "rms_norm",
     "rms_norm_reference",
     "rope",
@@ -232,13 +233,38 @@ def _check_triton_call(fn: str, *tensors: torch.Tensor) -> None:
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"{fn}: all inputs must be on one device, got {sorted(map(str, devices))}")
-    # Triton chose compile vs. interpret when the kernels below were decorated (at import).
-    interpreted = not isinstance(_rms_norm_kernel, triton.runtime.JITFunction)
     device = tensors[0].device
-    if device.type != "cuda" and not interpreted:
+    if device.type != "cuda" and not interpreted():
         raise RuntimeError(
             f"{fn} got {device} tensors but Triton is compiling for GPU; use {fn}_reference, or "
             "set TRITON_INTERPRET=1 before importing this module"
+        )
+
+
+def interpreted() -> bool:
+    """Whether the Triton kernels of ``operators/triton`` run under Triton's interpreter: Triton
+    chose compile vs. interpret when they were decorated (at import), all alike."""
+    return triton is not None and not isinstance(_rms_norm_kernel, triton.runtime.JITFunction)
+
+
+def _check_kv_caches(
+    fn: str, k: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> None:
+    """K and V caches ``[S, H, L, D]`` of one layout with a contiguous last dim, whose heads and
+    head dim match ``k`` (``[B, H, D]`` or ``[B, H, 1, D]``)."""
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(
+            f"{fn}: K and V caches must have one layout, got {tuple(k_cache.shape)} and "
+            f"{tuple(v_cache.shape)}"
+        )
+    if (
+        k_cache.stride(-1) != 1
+        or k.shape[-1] != k_cache.shape[-1]
+        or k.shape[1] != k_cache.shape[1]
+    ):
+        raise ValueError(
+            f"{fn}: heads or head dims differ or the cache's last dim is not contiguous "
+            f"(k {tuple(k.shape)}, cache {tuple(k_cache.shape)})"
         )
 
 
@@ -681,16 +707,7 @@ def write_kv(
     several kernels per tensor). Grid ``(B, H)``; CUDA-graph safe."""
     _check_triton_call("write_kv", k, v, k_cache, v_cache)
     _check_unit_stride("write_kv", k=k, v=v)
-    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError(
-            f"write_kv: K and V caches must have one layout, got {tuple(k_cache.shape)} and "
-            f"{tuple(v_cache.shape)}"
-        )
-    if k_cache.stride(-1) != 1 or k.shape[-1] != k_cache.shape[-1]:
-        raise ValueError(
-            f"write_kv: head dims differ or the cache's last dim is not contiguous "
-            f"(k {tuple(k.shape)}, cache {tuple(k_cache.shape)})"
-        )
+    _check_kv_caches("write_kv", k, k_cache, v_cache)
     batch, heads, dim = k.shape
     if batch == 0:
         return
@@ -798,7 +815,7 @@ def rope_write_kv(
     """
     _check_rope(q, k, cos, sin, 1)
     _check_triton_call("rope_write_kv", q, k, v, cos, sin, k_cache, v_cache)
-    _check_unit_stride("rope_write_kv", q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache)
+    _check_unit_stride("rope_write_kv", q=q, k=k, v=v, cos=cos, sin=sin)
     B, Hq, T, D = q.shape
     if T != 1 or v.shape != k.shape or v.dtype != k.dtype:
         raise ValueError(
@@ -807,17 +824,9 @@ def rope_write_kv(
         )
     if D > MAX_ROPE_HEAD_DIM:
         raise ValueError(f"rope_write_kv supports head dims up to {MAX_ROPE_HEAD_DIM}, got D={D}")
-    if (
-        k_cache.shape != v_cache.shape
-        or k_cache.stride() != v_cache.stride()
-        or k_cache.shape[1] != k.shape[1]
-        or k_cache.shape[3] != D
-        or k_cache.dtype != k.dtype
-    ):
-        raise ValueError(
-            f"rope_write_kv: caches must be [S, {k.shape[1]}, L, {D}] of {k.dtype} with one "
-            f"layout, got {tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)}"
-        )
+    _check_kv_caches("rope_write_kv", k, k_cache, v_cache)
+    if k_cache.dtype != k.dtype:
+        raise ValueError(f"rope_write_kv: the caches are {k_cache.dtype}, k is {k.dtype}")
     if head_norms is not None:
         for weight in head_norms[:2]:
             _check_norm(q[:, 0, 0], weight)

@@ -48,6 +48,7 @@ from operators.triton.fused import (
     _next_pow2,
     _rows,
     add_rms_norm_reference,
+    interpreted,
     rms_norm_reference,
     silu_mul_reference,
     triton,
@@ -294,10 +295,6 @@ if triton is not None:
 # ---------------------------------------------------------------- entry points
 
 
-def _interpreted() -> bool:
-    return not isinstance(_gemv_kernel, triton.runtime.JITFunction)
-
-
 def _check_operands(fn: str, x: torch.Tensor, weight: torch.Tensor, k: int, **others) -> None:
     tensors = {"x": x, "weight": weight, **{n: t for n, t in others.items() if t is not None}}
     _check_triton_call(fn, *tensors.values())
@@ -391,7 +388,7 @@ def _launch(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         K_TILES=triton.cdiv(k, block_k),
-        DOT_FP32=x.dtype == torch.float32 or _interpreted(),
+        DOT_FP32=x.dtype == torch.float32 or interpreted(),
         num_warps=4,
     )
     return y, res_out
