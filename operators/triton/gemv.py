@@ -350,9 +350,9 @@ def _launch(
     x2 = _rows("gemv", x)
     rows, n = x2.shape[0], weight.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    res_out = torch.empty((*x.shape[:-1], k), dtype=x.dtype, device=x.device)
-    if residual is None:
-        res_out = None
+    res_out = None
+    if residual is not None:
+        res_out = torch.empty((*x.shape[:-1], k), dtype=x.dtype, device=x.device)
     if rows == 0 or n == 0:
         return y, res_out
     y2 = y.view(rows, n)
