@@ -65,6 +65,9 @@ class StaticKVCache:
             device: torch.zeros((num_slots, heads), dtype=torch.int32, device=device)
             for device in {k.device for k, _ in self.kv.values()}  # as the kernels see it
         }
+        # tensors operators derive from the cache's size (e.g. `operators.rope.RotaryTable`'s
+        # cos/sin per position): made once, and alive as long as the graphs that read them
+        self.derived: dict[object, torch.Tensor] = {}
 
     @property
     def nbytes(self) -> int:

@@ -462,7 +462,8 @@ def test_a_model_patched_on_meta_generates_the_same_tokens_once_loaded(tied: boo
         model = AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=tied))
 
     model, report = optimize(model, LLAMA_RULES)
-    assert {r.device for r in report.replacements} == {"-"}, "nothing is placed while on meta"
+    weighted = {r.device for r in report.replacements if r.name != "model.rotary_emb"}
+    assert weighted == {"-"}, "no weights are placed while on meta"  # rotary: HF's CPU buffer
     assert any(p.is_meta for p in model.parameters())
 
     model.load_state_dict(reference.state_dict(), assign=True)

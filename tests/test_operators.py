@@ -5,14 +5,20 @@ Tolerances: fp32 atol 1e-5 (operators reorder nothing but fuse matmuls); bf16 2e
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_models import tiny_model
 
+from ktinject.cache import AttentionContext, StaticKVCache, use_context
 from operators.attention import StaticCacheAttention
 from operators.experts import GATHER_ROWS, GatheredExperts
 from operators.mlp import FusedGatedMLP
 from operators.norm import RMSNorm
+from operators.rope import RotaryTable
 
 
 def build(cls, module: torch.nn.Module, model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -107,3 +113,100 @@ def test_gathered_experts_match_hf(arch: str, tokens: int, dtype: torch.dtype) -
     torch.testing.assert_close(
         operator(hidden, index, weights), original(hidden, index, weights), **tol
     )
+
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 128,
+    },
+}
+
+
+def in_cache(cache_lens: int) -> AttentionContext:
+    """An engine context whose cache holds `cache_lens` positions (the table's size)."""
+    cache = StaticKVCache({}, num_slots=1, cache_lens=cache_lens)
+    empty = torch.zeros(1, dtype=torch.long)
+    return AttentionContext(cache=cache, slots=empty, positions=empty[:, None], seq_lens=empty)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    arch=st.sampled_from(["llama", "qwen2", "qwen3", "deepseek_v3"]),
+    rope=st.sampled_from(sorted(ROPES)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    positions=st.lists(st.integers(0, 299), min_size=1, max_size=6),
+    rows=st.booleans(),
+)
+def test_rotary_table_equals_hf_bit_for_bit(arch, rope, dtype, positions, rows) -> None:
+    """In an engine context the table gives HF's cos/sin exactly, for a prefill chunk (one row
+    of positions) or a decode batch (one position per row), in the activations' dtype."""
+    model = tiny_model(arch, rope_parameters=ROPES[rope])
+    original = model.model.rotary_emb
+    operator = build(RotaryTable, original, model, "model.rotary_emb")
+    ids = torch.tensor(positions)
+    ids = ids[:, None] if rows else ids[None]
+    x = torch.zeros(1, dtype=dtype)
+    expected = original(x, ids)
+    with use_context(in_cache(300)) as context:
+        actual = operator(x, ids)
+    assert len(context.cache.derived) == 1
+    for got, want in zip(actual, expected, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+def test_rotary_table_is_made_once_per_cache() -> None:
+    """Each cache gets its own table (a graph captured with it reads it as long as it lives);
+    later calls gather from the same one."""
+    model = tiny_model("llama")
+    operator = build(RotaryTable, model.model.rotary_emb, model, "model.rotary_emb")
+    x, ids = torch.zeros(1), torch.tensor([[3]])
+    first, second = in_cache(16), in_cache(32)
+    for context in (first, first, second):
+        with use_context(context):
+            operator(x, ids)
+    (small,), (large,) = first.cache.derived.values(), second.cache.derived.values()
+    assert small.shape == (16, 2, 16) and large.shape == (32, 2, 16)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        None,  # outside an engine context: HF computes
+        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0] * 8,
+            "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 32,
+        },
+    ],
+    ids=["no-context", "dynamic", "longrope"],
+)
+def test_rotary_table_leaves_runtime_ropes_to_hf(rope) -> None:
+    """Rope types whose frequencies follow the longest position at run time are computed by the
+    HF module at every call, as is everything outside the engine; nothing is tabulated."""
+    model = tiny_model("llama", **({"rope_parameters": rope} if rope else {}))
+    original = model.model.rotary_emb
+    operator = build(RotaryTable, original, model, "model.rotary_emb")
+    x, ids = torch.zeros(1), torch.tensor([[5, 40, 70]])
+    context = in_cache(128)
+    with use_context(context) if rope else contextlib.nullcontext():
+        actual = operator(x, ids)
+    for got, want in zip(actual, original(x, ids), strict=True):
+        assert torch.equal(got, want)
+    assert not context.cache.derived
