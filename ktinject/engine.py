@@ -693,9 +693,13 @@ def _device_seconds(call: Callable[[], Any], calls: int) -> float:
 
 
 def graph_blocker(model: nn.Module) -> str | None:
-    """Why decode of `model` cannot be captured in a CUDA graph or compiled as one graph, or None.
-    Hugging Face's experts modules cannot be: the eager loop reads the routing on the host, and
-    grouped_mm builds its group offsets from a CPU tensor (measured on an H200, 2026-11-27)."""
+    """Why decode of `model` cannot be captured in a CUDA graph or compiled as one graph, or None:
+    an operator that says so (`Operator.not_capturable`), or Hugging Face's experts modules: the
+    eager loop reads the routing on the host, and grouped_mm builds its group offsets from a CPU
+    tensor (measured on an H200, 2026-11-27)."""
+    for module in model.modules():
+        if getattr(module, "not_capturable", None):
+            return module.not_capturable
     if any(
         type(m).__name__.endswith("Experts") and type(m).__module__.startswith("transformers.")
         for m in model.modules()

@@ -9,7 +9,13 @@ from torch import nn
 
 
 class Operator(nn.Module):
-    """Base class: subclasses implement `from_module` and keep the original forward signature."""
+    """Base class: subclasses implement `from_module` and keep the original forward signature.
+
+    `not_capturable`: why a decode step containing this operator can be neither captured in a
+    CUDA graph nor compiled as one graph (e.g. it reads device values on the host); the engine
+    then decodes eagerly and says why. None: it can be."""
+
+    not_capturable: str | None = None
 
     @classmethod
     def from_module(

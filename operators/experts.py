@@ -9,10 +9,18 @@ that, nor can torch.compile trace it as one graph, so MoE models decoded eagerly
 experts on the device: only those experts' weights are read, the shapes depend on nothing but the
 batch, and no value crosses to the host. Many tokens (prefill) take a grouped per-expert loop,
 where a host read is harmless and gathering k expert matrices per token would be wasteful.
+
+`CPUExperts` keeps the experts in CPU memory and computes them there (KTransformers' placement
+for MoE models whose experts outgrow the GPU: Qwen3-30B-A3B's experts are 29 of its 30B
+parameters). Attention, router and everything else stay on the GPU; the few hidden states each
+layer routes cross to the CPU and back. Reading the routing on the host rules out a captured
+decode step, so the engine decodes such a model eagerly (`not_capturable`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Self
 
 import torch
@@ -100,3 +108,84 @@ class GatheredExperts(Operator):
     def extra_repr(self) -> str:
         experts, hidden = self.num_experts, self.gate_up_proj.shape[2]
         return f"experts={experts}, hidden={hidden}, intermediate={self.intermediate_dim}"
+
+
+class CPUExperts(GatheredExperts):
+    """HF's fused experts kept and computed on the CPU, whatever device the layer's hidden states
+    come from; the result goes back to that device. Every token count takes the grouped loop
+    (one pair of matmuls per expert that received tokens, reading the weights in place): on the
+    CPU the routing is on the host anyway, and gathering expert matrices would copy them.
+
+    `threads` (rule kwarg): torch intra-op threads for the experts' matmuls, set around each
+    call and restored after (default: torch's, one per physical core)."""
+
+    not_capturable = (
+        "its MoE experts run on the CPU (operators.experts.CPUExperts), which reads the "
+        "routing on the host"
+    )
+
+    def __init__(
+        self,
+        gate_up_proj: nn.Parameter,
+        down_proj: nn.Parameter,
+        act_fn: nn.Module,
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(gate_up_proj, down_proj, act_fn)
+        self.threads = threads
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        *,
+        name: str,
+        config: Any,
+        device: torch.device | None,
+        threads: int | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        if device is None or torch.device(device).type != "cpu":
+            raise TypeError(
+                f"CPUExperts keeps the experts in CPU memory, but the rule places them on "
+                f"{device}; set the rule's replace.device to cpu"
+            )
+        if threads is not None and (type(threads) is not int or threads < 1):
+            raise TypeError(f"threads must be a positive integer or null, not {threads!r}")
+        experts = super().from_module(module, name=name, config=config, device=device, **kwargs)
+        experts.threads = threads
+        return experts
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        home, here = hidden_states.device, self.gate_up_proj.device
+        inputs = [
+            t.to(here, non_blocking=True) for t in (hidden_states, top_k_index, top_k_weights)
+        ]
+        if home.type == "cuda":  # the three copies were queued; wait for them once
+            torch.cuda.current_stream(home).synchronize()
+        with intra_op_threads(self.threads):
+            out = self._grouped(*inputs)
+        return out.to(home, non_blocking=True)
+
+    def extra_repr(self) -> str:
+        threads = f", threads={self.threads}" if self.threads is not None else ""
+        return super().extra_repr() + threads
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` torch intra-op threads (None: as they are)."""
+    saved = torch.get_num_threads()
+    if threads is None or threads == saved:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -55,6 +55,22 @@ def test_greedy_tokens_equal_hf_with_and_without_cuda_graph(arch: str, cuda_grap
     assert greedy(engine, PROMPT) == expected
 
 
+def test_cpu_experts_of_a_gpu_model_give_hf_tokens() -> None:
+    """rules/qwen3-moe-cpu-experts.yaml on a GPU: attention and router on the GPU, experts in
+    CPU memory; decode is eager (no graph) and exact."""
+    reference = tiny_model("qwen3_moe").cuda()
+    patched, _ = optimize(copy.deepcopy(reference), "qwen3-moe-cpu-experts", strict=True)
+    layer = patched.model.layers[0]
+    assert layer.mlp.experts.gate_up_proj.device.type == "cpu"
+    assert layer.mlp.gate.weight.is_cuda and layer.self_attn.o_proj.weight.is_cuda
+    out = reference.generate(
+        torch.tensor([PROMPT], device="cuda"), max_new_tokens=24, do_sample=False
+    )
+    engine = Engine(patched, chunk_size=7)
+    assert not engine.cuda_graph and "CPUExperts" in engine.graph_blocked_by
+    assert greedy(engine, PROMPT, 24) == out[0, len(PROMPT) :].tolist()
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gemv"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mixtral", "deepseek_v3"])
 def test_both_captured_decode_paths_give_hf_tokens(arch: str, fused: bool) -> None:
