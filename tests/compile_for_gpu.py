@@ -9,9 +9,11 @@ instead of running it. Outputs are left unwritten.
 
     python tests/compile_for_gpu.py [--arch 90]
 
-Prints one line per compiled kernel variant with ptxas' register and spill counts; exits
-non-zero if any launch fails to compile. Must run in a process of its own, without
-TRITON_INTERPRET (tests/test_gpu_compile.py starts it).
+Prints one line per compiled kernel variant with ptxas' register and spill counts and its shared
+memory; exits non-zero if any launch fails to compile, or a variant would fail at its first
+launch on the card: more shared memory than a block may have, or more registers than a block of
+its threads can get (Triton raises OutOfResources then, which only a GPU run would show). Must
+run in a process of its own, without TRITON_INTERPRET (tests/test_gpu_compile.py starts it).
 """
 
 from __future__ import annotations
@@ -89,6 +91,15 @@ def launch_everything(dtype: torch.dtype) -> None:
         w_qkv = torch.empty(qkv_rows, hidden, dtype=dtype)
         w_down = torch.empty(hidden, inter, dtype=dtype)
         cache = torch.empty(2, kv_heads, 4096, dim, dtype=dtype)
+        for tokens in (20, 128):  # prefill chunks: a token count that is / is not a multiple of 16
+            x = torch.empty(1, tokens, hidden, dtype=dtype)
+            fused.rms_norm(x, norm_w, 1e-5)
+            fused.add_rms_norm(x, x, norm_w, 1e-5)
+            fused.silu_mul(torch.empty(1, tokens, 2 * inter, dtype=dtype))
+            qkv = torch.empty(1, tokens, qkv_rows, dtype=dtype)
+            q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            q, k = (t.view(1, tokens, -1, dim).transpose(1, 2) for t in (q, k))
+            fused.rope(q, k, *[torch.empty(1, tokens, dim, dtype=dtype)] * 2)
         for rows in (1, 8):
             x = torch.empty(rows, 1, hidden, dtype=dtype)
             gemv.norm_linear(x, None, norm_w, 1e-5, w_qkv)
@@ -130,10 +141,17 @@ def variant(kernel) -> str:
     return f"{sorted(pointers)[:1]} {blocks}"
 
 
-def ptxas_summary(kernel, arch: int) -> str:
+# the most shared memory one block may use (opt-in), per compute capability (CUDA guide, table
+# "Technical Specifications per Compute Capability"), and the registers of one SM
+SHARED_PER_BLOCK = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+REGISTERS_PER_BLOCK = 65536
+
+
+def ptxas_registers(kernel, arch: int) -> tuple[int | None, str]:
+    """Registers per thread (None if ptxas is missing) and ptxas' one-line summary."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
-        return "ptxas not found"
+        return None, "ptxas not found"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as ptx:
         ptx.write(kernel.asm["ptx"])
     try:
@@ -146,10 +164,25 @@ def ptxas_summary(kernel, arch: int) -> str:
         os.unlink(ptx.name)
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
-    return (
+    summary = (
         f"{registers.group(1) if registers else '?'} registers, "
         f"{spills.group(1) if spills else '?'} bytes spilled"
     )
+    return (int(registers.group(1)) if registers else None), summary
+
+
+def launch_problems(kernel, registers: int | None, arch: int) -> list[str]:
+    """Why this variant would fail to launch on a card of compute capability `arch`."""
+    problems = []
+    shared, limit = kernel.metadata.shared, SHARED_PER_BLOCK.get(arch)
+    if limit is not None and shared > limit:
+        problems.append(f"needs {shared} bytes of shared memory, a block may have {limit}")
+    threads = kernel.metadata.num_warps * 32
+    if registers is not None and registers * threads > REGISTERS_PER_BLOCK:
+        problems.append(
+            f"{registers} registers x {threads} threads exceed the {REGISTERS_PER_BLOCK} of an SM"
+        )
+    return problems
 
 
 def main() -> int:
@@ -165,14 +198,19 @@ def main() -> int:
     allow_cpu_tensors()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         launch_everything(dtype)
-    seen = set()
+    seen, failing = set(), 0
     for name, kernel in compiled:
         if id(kernel) in seen:
             continue
         seen.add(id(kernel))
-        print(f"sm_{args.arch} {name}: {ptxas_summary(kernel, args.arch)} {variant(kernel)}")
+        registers, summary = ptxas_registers(kernel, args.arch)
+        shared = f"{kernel.metadata.shared} bytes shared"
+        print(f"sm_{args.arch} {name}: {summary}, {shared} {variant(kernel)}")
+        for problem in launch_problems(kernel, registers, args.arch):
+            print(f"  WOULD NOT LAUNCH: {problem}")
+            failing += 1
     print(f"compiled {len(seen)} kernel variants for sm_{args.arch}")
-    return 0
+    return 1 if failing else 0
 
 
 if __name__ == "__main__":

@@ -31,3 +31,21 @@ def test_every_kernel_variant_compiles_for_hopper() -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     kernels = {line.split()[1].rstrip(":") for line in done.stdout.splitlines()[:-1]}
     assert {"_gemv_kernel", "_rope_kernel", "_decode_split_kernel", "_rms_norm_kernel"} <= kernels
+
+
+def test_a_variant_beyond_the_cards_limits_is_reported() -> None:
+    """What Triton would raise OutOfResources for at the first launch on the card."""
+    from types import SimpleNamespace
+
+    from compile_for_gpu import launch_problems
+
+    def kernel(shared: int, warps: int) -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(shared=shared, num_warps=warps))
+
+    assert launch_problems(kernel(58368, 4), 143, 90) == []
+    assert launch_problems(kernel(240000, 4), 64, 90) == [
+        "needs 240000 bytes of shared memory, a block may have 232448"
+    ]
+    assert launch_problems(kernel(0, 16), 255, 89) == [
+        "255 registers x 512 threads exceed the 65536 of an SM"
+    ]
