@@ -127,10 +127,8 @@ def build_engine(args: argparse.Namespace, loaded: Any) -> Any:
         cuda_graph=not args.no_cuda_graph,
         compile=args.compile,
     )
-    if engine.device.type == "cuda" and engine.graph_blocked_by and not args.no_cuda_graph:
-        print(f"note: decode runs without CUDA graphs: {engine.graph_blocked_by}", file=sys.stderr)
-    if engine.compile_blocked_by:
-        print(f"note: --compile has no effect here: {engine.compile_blocked_by}", file=sys.stderr)
+    for note in engine.notes():
+        print(f"note: {note}", file=sys.stderr)
     if engine.compiled is not None:  # compile now, so the status line times generation only
         print("compiling the decode step (torch.compile)...", end="", file=sys.stderr, flush=True)
         engine.warm_up()

@@ -117,6 +117,7 @@ class Engine:
             m.layer_idx: m.cache_spec() for m in model.modules() if hasattr(m, "cache_spec")
         }
         self.graph_blocked_by = graph_blocker(model)  # why decode is not captured, if it is not
+        self.graph_requested = cuda_graph
         self.cuda_graph = (
             cuda_graph and self.device.type == "cuda" and self.static and not self.graph_blocked_by
         )
@@ -192,6 +193,16 @@ class Engine:
                 cache_lens=limit,
                 window=window,
             )
+
+    def notes(self) -> list[str]:
+        """One line per requested speed-up this engine cannot use here, and why (printed by the
+        CLI and the server at start-up)."""
+        notes = []
+        if self.device.type == "cuda" and self.graph_requested and self.graph_blocked_by:
+            notes.append(f"decode runs without CUDA graphs: {self.graph_blocked_by}")
+        if self.compile_blocked_by:
+            notes.append(f"--compile has no effect here: {self.compile_blocked_by}")
+        return notes
 
     def reserve(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Check the request and, in local mode, size the static cache for it."""

@@ -196,8 +196,8 @@ def run_serve(args: argparse.Namespace) -> int:
         cuda_graph=not options.no_cuda_graph,
         compile=bool(options.compile),
     )
-    if engine.compile_blocked_by:
-        print(f"note: --compile has no effect here: {engine.compile_blocked_by}", file=sys.stderr)
+    for note in engine.notes():
+        print(f"note: {note}", file=sys.stderr)
     config = ServeConfig(
         model_name=Path(loaded.source.label).name,
         max_new_tokens=options.max_new_tokens,
