@@ -66,8 +66,8 @@ step server 100 bash -c "python3 benchmarks/random_weights.py .gpu-assets/smollm
     --device cuda --dtype bfloat16 --history-tokens 4000 --repeats 2 --streams 8 \
     --stream-tokens 64 --out $OUT/server.json"
 
-# both decode graphs the engine chooses between (separate kernels / norms folded into Triton
-# projections), kernel by kernel, for the next round of speed work
+# both decode graphs the engine chooses between (separate kernels / fused Triton projections and
+# attention), kernel by kernel, for the next round of speed work
 step profile-smollm2 60 python3 benchmarks/profile_decode.py --shape smollm2-135m \
     --dtype bfloat16 --top 12
 

@@ -458,8 +458,9 @@ class Engine:
         return graph
 
     def _capture_fastest(self, batch: int) -> _DecodeGraph:
-        """Capture the decode step with the norms folded into the projections and without
-        (`operators.triton.gemv`), time both replays, keep the faster — the fused one only if
+        """Capture the decode step fused (norms folded into the projections, `operators.triton.
+        gemv`; the new token rotated and written inside decode attention) and plain, time both
+        replays, keep the faster — the fused one only if
         its logits agree with the plain one's (`same_logits`). Which wins depends on the card
         and the shapes; measuring costs one more capture and a few ms of replays. The choice per
         batch size is kept for later captures (a grown cache) and in `fused_gemv_choice`
@@ -638,7 +639,8 @@ def last_logits(
 
 class _DecodeGraph:
     """A `DecodeStep` captured in a CUDA graph; `run` loads the inputs and replays it. `fused`:
-    captured with the fused-projection path of the decoder layers (`operators.layer`)."""
+    captured with the fused path of the decoder layers and attention (`operators.layer`,
+    `operators.attention`)."""
 
     def __init__(self, engine: Engine, batch: int, *, fused: bool) -> None:
         self.step = DecodeStep(engine, batch)

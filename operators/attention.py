@@ -30,6 +30,7 @@ from operators.triton.fused import (
     write_kv,
     write_kv_reference,
 )
+from operators.triton.gemv import fused_gemv_preferred
 
 # Families whose apply_rotary_pos_emb is Llama's rotate-half RoPE (what the Triton kernel does)
 ROTATE_HALF_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmoe")
@@ -169,7 +170,10 @@ class StaticCacheAttention(Operator):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
-        if one_launch:
+        if one_launch and fused_gemv_preferred():  # the fused decode graph: one launch in all
+            new_kv = (k[:, :, 0], v[:, :, 0], cos[:, 0], sin[:, 0])
+            out = self._attend_cache(q, context, new_kv=new_kv, head_norms=head_norms)
+        elif one_launch:
             k_cache, v_cache = context.cache.kv[self.layer_idx]
             rows, positions = context.slots, context.positions[:, 0]
             q = rope_write_kv(
@@ -241,9 +245,15 @@ class StaticCacheAttention(Operator):
         write(k[:, :, 0], v[:, :, 0], k_cache, v_cache, rows, positions)
         return self._attend_cache(q, context)
 
-    def _attend_cache(self, q: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+    def _attend_cache(
+        self,
+        q: torch.Tensor,
+        context: AttentionContext,
+        **rotation: Any,
+    ) -> torch.Tensor:
         """Attention of one new query per row over its slot's valid cache positions (the new
-        token's K/V already written): [B, Hq, 1, D] -> [B, 1, Hq, D]."""
+        token's K/V already written, or written by the kernel itself from `rotation`'s `new_kv`
+        and `head_norms`, see `decode_attention`): [B, Hq, 1, D] -> [B, 1, Hq, D]."""
         k_cache, v_cache = context.cache.kv[self.layer_idx]
         rows = context.slots
         if use_triton(q):
@@ -258,6 +268,7 @@ class StaticCacheAttention(Operator):
                 context.seq_lens,
                 self.scaling,
                 counters=counters,
+                **rotation,
             )
         else:
             out = decode_attention_reference(

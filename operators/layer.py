@@ -9,9 +9,10 @@ When the engine prefers it (`operators.triton.gemv.fused_gemv_preferred`, decide
 captured decode graph both ways), a decode step goes further: the input norm runs inside the
 q/k/v projection, the residual add and post-attention norm inside the gate/up projection, and
 SiLU-and-mul and the closing residual add inside the down projection (`norm_linear`,
-`silu_linear`): four launches per layer fewer. Only plain `nn.Linear` projections whose weights
-share the activations' dtype take that path; anything else (a quantized linear from a rule, MoE
-experts, MLA attention) keeps the path above.
+`silu_linear`): four launches per layer fewer. In that step the attention operator also rotates
+and caches the new token inside its decode-attention kernel (one launch fewer). Only plain
+`nn.Linear` projections whose weights share the activations' dtype take that path; anything else
+(a quantized linear from a rule, MoE experts, MLA attention) keeps the path above.
 """
 
 from __future__ import annotations

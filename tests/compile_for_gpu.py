@@ -126,6 +126,21 @@ def launch_everything(dtype: torch.dtype) -> None:
                 decode_attention.decode_attention(
                     q[:, :, 0], part, part, slots, lengths, 0.1, counters=merge
                 )
+            # the fused decode graph's attention: the new token rotated and written in-kernel
+            new_kv = (k[:, :, 0], v[:, :, 0], cos[:, 0], sin[:, 0])
+            for cache_len, head_norms in ((64, None), (4096, None), (4096, norms)):
+                part = cache[:, :, :cache_len]
+                decode_attention.decode_attention(
+                    q[:, :, 0],
+                    part,
+                    part,
+                    slots,
+                    lengths,
+                    0.1,
+                    counters=counters,
+                    new_kv=new_kv,
+                    head_norms=head_norms,
+                )
 
 
 def variant(kernel) -> str:
@@ -136,7 +151,7 @@ def variant(kernel) -> str:
     blocks = {
         names[index[0]]: value
         for index, value in source.constants.items()
-        if names[index[0]].startswith(("BLOCK", "HEAD_DIM"))
+        if names[index[0]].startswith(("BLOCK", "HEAD_DIM", "ROPE", "NORM"))
     }
     return f"{sorted(pointers)[:1]} {blocks}"
 

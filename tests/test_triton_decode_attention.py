@@ -9,6 +9,7 @@ several splits on caches of a few dozen positions.  On a GPU the same tests use 
 """
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -200,6 +201,124 @@ def test_triton_rejects_bad_arguments():
     kbig = torch.zeros(1, 1, 16, 512, device=DEVICE)
     with pytest.raises(ValueError, match="head dims"):
         decode_attention(big, kbig, kbig, slots, lens, 1.0)
+
+
+# ---------------------------------------------------------------- the new token rotated in-kernel
+
+
+def new_token(B, Hq, Hkv, D, dtype, *, seed, broadcast=False):
+    """Unrotated q, k, v of one token per row (views of a fused qkv row, as the attention
+    operator passes them) and cos/sin rows ([1, D] when `broadcast`)."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, generator=gen).to(dtype=dtype, device=DEVICE)
+    q, k, v = (t.view(B, -1, D) for t in qkv.split([Hq * D, Hkv * D, Hkv * D], dim=-1))
+    angles = torch.rand(1 if broadcast else B, D // 2, generator=gen) * 6.0
+    angles = torch.cat((angles, angles), dim=-1)
+    return q, k, v, angles.cos().to(dtype).to(DEVICE), angles.sin().to(dtype).to(DEVICE)
+
+
+def rotate_then_attend(q, k, v, cos, sin, caches, slots, lens, split_len, head_norms=None):
+    """The two-launch path the merged kernel replaces: rope_write_kv, then decode_attention."""
+    from operators.triton.fused import rope_write_kv
+
+    positions = lens.to(torch.int64) - 1
+    q_rot = rope_write_kv(
+        q[:, :, None],
+        k[:, :, None],
+        v[:, :, None],
+        cos[:, None],
+        sin[:, None],
+        *caches,
+        slots,
+        positions,
+        head_norms=head_norms,
+    )
+    return decode_attention(
+        q_rot[:, :, 0], *caches, slots, lens, q.shape[-1] ** -0.5, split_len=split_len
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("Hq", "Hkv", "D"), [(4, 2, 16), (9, 3, 64), (2, 2, 96)])
+@pytest.mark.parametrize("merge", ["counters", "second-launch", "one-split"])
+def test_new_token_rotated_in_kernel_equals_rope_write_kv_then_attention(dtype, Hq, Hkv, D, merge):
+    """The fused decode graph's attention: rotation of q and the new k, and the K/V write, in
+    the same launch. The caches it leaves are bit-identical to rope_write_kv's; its output
+    equals the two-launch path's up to the order of the fp32 q.k sums (two halves). New
+    positions: the first of the cache, the last of a split, the first of the next, the last."""
+    B, S, L = 4, 5, 48
+    q, k, v, cos, sin = new_token(B, Hq, Hkv, D, dtype, seed=3, broadcast=D == 96)
+    lens = torch.tensor([1, 16, 17, L], device=DEVICE)
+    slots = torch.tensor([4, 0, 2, 1], device=DEVICE)
+    gen = torch.Generator().manual_seed(4)
+    base = [torch.randn(S, Hkv, L, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2)]
+    split_len = 64 if merge == "one-split" else 16
+    expected_caches = [c.clone() for c in base]
+    expected = rotate_then_attend(q, k, v, cos, sin, expected_caches, slots, lens, split_len)
+    caches = [c.clone() for c in base]
+    counters = torch.zeros(B, Hkv, dtype=torch.int32, device=DEVICE)
+    out = decode_attention(
+        q,
+        *caches,
+        slots,
+        lens,
+        D**-0.5,
+        split_len=split_len,
+        counters=counters if merge == "counters" else None,
+        new_kv=(k, v, cos, sin),
+    )
+    assert torch.equal(caches[0], expected_caches[0]) and torch.equal(caches[1], expected_caches[1])
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    assert not counters.any()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_new_token_rotation_folds_per_head_norms(dtype):
+    """Qwen3: each q and k head RMS-normalised before its rotation, as rope_write_kv does."""
+    B, Hq, Hkv, D, S, L = 2, 4, 2, 32, 3, 32
+    q, k, v, cos, sin = new_token(B, Hq, Hkv, D, dtype, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    norms = (*(torch.rand(D, generator=gen).add(0.5).to(dtype).to(DEVICE) for _ in range(2)), 1e-6)
+    lens, slots = torch.tensor([9, 32], device=DEVICE), torch.tensor([2, 0], device=DEVICE)
+    base = [torch.randn(S, Hkv, L, D, generator=gen).to(dtype).to(DEVICE) for _ in range(2)]
+    expected_caches = [c.clone() for c in base]
+    expected = rotate_then_attend(
+        q, k, v, cos, sin, expected_caches, slots, lens, 16, head_norms=norms
+    )
+    caches = [c.clone() for c in base]
+    out = decode_attention(
+        q, *caches, slots, lens, D**-0.5, split_len=16, new_kv=(k, v, cos, sin), head_norms=norms
+    )
+    assert torch.equal(caches[0], expected_caches[0]) and torch.equal(caches[1], expected_caches[1])
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+@needs_triton
+def test_new_token_rotation_rejects_bad_operands():
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q, k, v, cos, sin = new_token(B, Hq, Hkv, D, torch.float32, seed=1)
+    caches = [torch.zeros(3, Hkv, 16, D, device=DEVICE) for _ in range(2)]
+    slots, lens = torch.tensor([0, 1], device=DEVICE), torch.tensor([3, 4], device=DEVICE)
+    weights = (torch.ones(D, device=DEVICE), torch.ones(D, device=DEVICE), 1e-6)
+    cases = [
+        ({"head_norms": weights}, "pass new_kv too"),
+        ({"new_kv": (k[:, :1], v, cos, sin)}, "must be [B, Hkv, D]"),
+        ({"new_kv": (k, v, cos[:, :8], sin)}, "cos must be"),
+        ({"new_kv": (k.half(), v, cos, sin)}, "must share one dtype"),
+        ({"new_kv": (k, v, cos, sin), "head_norms": (weights[0][:8], *weights[1:])}, "weight (8,)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            decode_attention(q, *caches, slots, lens, 0.25, **kwargs)
+    odd = torch.zeros(B, Hq, 15, device=DEVICE)
+    with pytest.raises(ValueError, match="even head dim"):
+        odd_kv = torch.zeros(B, Hkv, 15, device=DEVICE)
+        odd_cache = torch.zeros(3, Hkv, 16, 15, device=DEVICE)
+        decode_attention(
+            odd, odd_cache, odd_cache, slots, lens, 0.25, new_kv=(odd_kv, odd_kv, cos, sin)
+        )
 
 
 # ---------------------------------------------------------------- CUDA only: graph capture

@@ -126,7 +126,7 @@ class Ktinject:
     def decode_graphs(self) -> str | None:
         """Which captured decode step the engine kept per batch size (it times both)."""
         choice = self.engine.fused_gemv_choice if self.engine is not None else {}
-        paths = {True: "norms folded into Triton projections", False: "separate kernels"}
+        paths = {True: "fused Triton projections and attention", False: "separate kernels"}
         return ", ".join(f"batch {b}: {paths[fused]}" for b, fused in choice.items()) or None
 
     def run(self, prompt: torch.Tensor, n: int) -> Sample:

@@ -31,6 +31,13 @@ to finish, when the caller keeps zeroed counters for it (the engine's cache does
 layer), otherwise by a second kernel on the grid ``(B, Hkv)``.  When ``L`` fits in a single split
 the first kernel normalises and writes the output itself and no merge is needed.
 
+With ``new_kv`` the same launch also does the step's rotary embedding and cache write (what
+``rope_write_kv`` does in a launch of its own otherwise): every live program rotates its group's
+query heads itself, keeping them as two halves whose products with the two halves of each K tile
+add up to ``q . k``; the program whose split holds the new position rotates the new key, writes
+it and the new value there, and syncs its threads before its loop reads that position. No other
+program reads it, so nothing waits across programs.
+
 :func:`decode_attention_reference` is the plain-torch equivalent: the CPU path of the engine and
 the oracle of the tests.
 """
@@ -46,7 +53,14 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-from operators.triton.fused import _check_triton_call, interpreted
+from operators.triton.fused import (
+    _check_head_norms,
+    _check_rope,
+    _check_triton_call,
+    _check_unit_stride,
+    _rope_values,
+    interpreted,
+)
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
@@ -240,6 +254,100 @@ if triton is not None:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
     @triton.jit
+    def _rotate_new_token(
+        q_ptr,
+        k_new_ptr,
+        v_new_ptr,
+        cos_ptr,
+        sin_ptr,
+        q_norm_ptr,
+        k_norm_ptr,
+        eps,
+        k_base,
+        v_base,
+        b,
+        kvh,
+        heads,
+        g_mask,
+        offs_d,
+        d_mask,
+        owner,
+        new_pos,
+        stride_qb,
+        stride_qh,
+        stride_knb,
+        stride_knh,
+        stride_vnb,
+        stride_vnh,
+        stride_cb,
+        stride_sb,
+        stride_kl,
+        stride_kd,
+        stride_vl,
+        stride_vd,
+        HALF: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        # The query heads of kv head `kvh`, rotated (after their per-head norm with NORM), as
+        # two halves [BLOCK_G, BLOCK_HALF] in the cache dtype. The split that holds the new
+        # position (`owner`) also rotates the new key and writes it and the new value there,
+        # then syncs its threads so that its loads below see them (no other split reads it).
+        offs_h = tl.arange(0, BLOCK_HALF)
+        h_mask = offs_h < HALF
+        cos_row = cos_ptr + b.to(tl.int64) * stride_cb + offs_h
+        sin_row = sin_ptr + b.to(tl.int64) * stride_sb + offs_h
+        c1 = tl.load(cos_row, mask=h_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_row + HALF, mask=h_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_row, mask=h_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_row + HALF, mask=h_mask, other=0.0).to(tl.float32)
+        cache_dtype = k_base.dtype.element_ty
+        q1, q2 = _rope_values(
+            q_ptr + b.to(tl.int64) * stride_qb,
+            heads,
+            g_mask,
+            offs_h,
+            h_mask,
+            c1,
+            c2,
+            s1,
+            s2,
+            stride_qh,
+            q_norm_ptr,
+            eps,
+            q_ptr.dtype.element_ty,
+            HALF,
+            NORM,
+        )
+        if owner:
+            head = tl.zeros([1], tl.int32)
+            k1, k2 = _rope_values(
+                k_new_ptr + b.to(tl.int64) * stride_knb + kvh.to(tl.int64) * stride_knh,
+                head,
+                head == 0,
+                offs_h,
+                h_mask,
+                c1,
+                c2,
+                s1,
+                s2,
+                0,
+                k_norm_ptr,
+                eps,
+                cache_dtype,
+                HALF,
+                NORM,
+            )
+            k_dst = k_base + new_pos * stride_kl + offs_h[None, :] * stride_kd
+            tl.store(k_dst, k1, mask=h_mask[None, :])
+            tl.store(k_dst + HALF * stride_kd, k2, mask=h_mask[None, :])
+            v_src = v_new_ptr + b.to(tl.int64) * stride_vnb + kvh.to(tl.int64) * stride_vnh
+            value = tl.load(v_src + offs_d, mask=d_mask)
+            tl.store(v_base + new_pos * stride_vl + offs_d * stride_vd, value, mask=d_mask)
+            tl.debug_barrier()
+        return q1.to(cache_dtype), q2.to(cache_dtype)
+
+    @triton.jit
     def _decode_split_kernel(
         q_ptr,
         k_ptr,
@@ -275,6 +383,19 @@ if triton is not None:
         stride_ad,
         counter_ptr,
         stride_cnt,
+        k_new_ptr,
+        v_new_ptr,
+        cos_ptr,
+        sin_ptr,
+        q_norm_ptr,
+        k_norm_ptr,
+        eps,
+        stride_knb,
+        stride_knh,
+        stride_vnb,
+        stride_vnh,
+        stride_cb,
+        stride_sb,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_G: tl.constexpr,
@@ -288,6 +409,10 @@ if triton is not None:
         BLOCK_S: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
+        ROPE: tl.constexpr,
+        NORM: tl.constexpr,
+        HALF: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -306,17 +431,55 @@ if triton is not None:
             d_mask = offs_d < HEAD_DIM
             heads = kvh * GROUP + offs_g
 
-            q_ptrs = (
-                q_ptr
-                + b.to(tl.int64) * stride_qb
-                + heads[:, None] * stride_qh
-                + offs_d[None, :] * stride_qd
-            )
-            q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-            q = q.to(k_ptr.dtype.element_ty)
-
             k_base = k_ptr + slot * stride_ks + kvh.to(tl.int64) * stride_kh
             v_base = v_ptr + slot * stride_vs + kvh.to(tl.int64) * stride_vh
+            if ROPE:  # q and the new k/v arrive unrotated; q kept as two halves
+                offs_h = tl.arange(0, BLOCK_HALF)
+                h_mask = offs_h < HALF
+                q1, q2 = _rotate_new_token(
+                    q_ptr,
+                    k_new_ptr,
+                    v_new_ptr,
+                    cos_ptr,
+                    sin_ptr,
+                    q_norm_ptr,
+                    k_norm_ptr,
+                    eps,
+                    k_base,
+                    v_base,
+                    b,
+                    kvh,
+                    heads,
+                    g_mask,
+                    offs_d,
+                    d_mask,
+                    split == (seq_len - 1) // SPLIT_LEN,
+                    (seq_len - 1).to(tl.int64),
+                    stride_qb,
+                    stride_qh,
+                    stride_knb,
+                    stride_knh,
+                    stride_vnb,
+                    stride_vnh,
+                    stride_cb,
+                    stride_sb,
+                    stride_kl,
+                    stride_kd,
+                    stride_vl,
+                    stride_vd,
+                    HALF,
+                    BLOCK_HALF,
+                    NORM,
+                )
+            else:
+                q_ptrs = (
+                    q_ptr
+                    + b.to(tl.int64) * stride_qb
+                    + heads[:, None] * stride_qh
+                    + offs_d[None, :] * stride_qd
+                )
+                q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+                q = q.to(k_ptr.dtype.element_ty)
 
             m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -330,12 +493,20 @@ if triton is not None:
                 n_mask = pos < split_end
                 kv_mask = n_mask[:, None] & d_mask[None, :]
                 pos64 = pos.to(tl.int64)
-                k = tl.load(
-                    k_base + pos64[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                    mask=kv_mask,
-                    other=0.0,
-                )
-                s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+                if ROPE:  # q . k as the sum over the two halves
+                    k_ptrs = k_base + pos64[:, None] * stride_kl + offs_h[None, :] * stride_kd
+                    half_mask = n_mask[:, None] & h_mask[None, :]
+                    k1 = tl.load(k_ptrs, mask=half_mask, other=0.0)
+                    k2 = tl.load(k_ptrs + HALF * stride_kd, mask=half_mask, other=0.0)
+                    s = _mma(q1, tl.trans(k1), DOT_PRECISION, UPCAST_DOT)
+                    s = (s + _mma(q2, tl.trans(k2), DOT_PRECISION, UPCAST_DOT)) * qk_scale
+                else:
+                    k = tl.load(
+                        k_base + pos64[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                        mask=kv_mask,
+                        other=0.0,
+                    )
+                    s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
                 s = tl.where(n_mask[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.exp2(m_i - m_new)
@@ -471,6 +642,40 @@ if triton is not None:
         )
 
 
+def _rope_operands(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    head_norms: tuple[torch.Tensor, torch.Tensor, float] | None,
+) -> tuple:
+    """Check `new_kv` / `head_norms` as `rope_write_kv` would; return the kernel's rotation
+    arguments (tensors, eps, then strides; placeholders without `new_kv`)."""
+    if new_kv is None:
+        if head_norms is not None:
+            raise ValueError("head_norms apply to the new token's rotation: pass new_kv too")
+        return (q, q, q, q, q, q, 0.0, *(0,) * 6)
+    k, v, cos, sin = new_kv
+    B, Hq, D = q.shape
+    if k.shape != (B, k_cache.shape[1], D) or v.shape != k.shape:
+        raise ValueError(
+            f"new_kv's k and v must be [B, Hkv, D] = {[B, k_cache.shape[1], D]}, got "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    _check_rope(q[:, :, None], k[:, :, None], cos[:, None], sin[:, None], 1)
+    if len({q.dtype, k.dtype, v.dtype, k_cache.dtype}) > 1:
+        raise TypeError(
+            f"q, the new k/v and the caches must share one dtype, got {q.dtype}, {k.dtype}, "
+            f"{v.dtype} and {k_cache.dtype}"
+        )
+    _check_head_norms("decode_attention", q, head_norms)
+    _check_unit_stride("decode_attention", q=q, k=k, v=v, cos=cos, sin=sin)
+    _check_triton_call("decode_attention", k, v, cos, sin)
+    norms = (q, q, 0.0) if head_norms is None else (*head_norms[:2], float(head_norms[2]))
+    batch_strides = [t.stride(0) if t.shape[0] > 1 else 0 for t in (cos, sin)]
+    strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), *batch_strides)
+    return (k, v, cos, sin, *norms, *strides)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -482,6 +687,8 @@ def decode_attention(
     split_len: int | None = None,
     block_n: int | None = None,
     counters: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    head_norms: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Single-token decode attention over a static KV cache (Triton, split-K flash-decoding).
 
@@ -505,6 +712,13 @@ def decode_attention(
             calls (e.g. one per cache). With it the last split of each (row, kv head) to finish
             merges the splits itself and the second launch is skipped (except for fp32 caches
             with D > 64); every call leaves the counters at zero again.
+        new_kv: ``(k, v, cos, sin)`` of the step's new token, to write and rotate in the same
+            launch (what `operators.triton.fused.rope_write_kv` would do first): ``q`` and ``k``
+            ``[B, Hkv, D]`` arrive unrotated, ``v`` ``[B, Hkv, D]``, ``cos``/``sin`` ``[B, D]``
+            or ``[1, D]`` (HF's ``rotate_half`` convention and rounding, in q's dtype); the new
+            position of row ``b`` is ``seq_lens[b] - 1``, whose split writes k and v there
+            before reading it. ``head_norms = (q_weight, k_weight, eps)`` RMS-normalises each
+            q and k head first (Qwen3). Last dims contiguous.
 
     Supports any head dim ``1 <= D <= 256`` (non powers of two such as 96 are padded and
     masked).  Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -523,6 +737,7 @@ def decode_attention(
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
     _check_triton_call("decode_attention", q, k_cache, v_cache, slots, seq_lens)
+    rope = _rope_operands(q, k_cache, new_kv, head_norms)
 
     group = Hq // Hkv
     if split_len is None:
@@ -589,6 +804,7 @@ def decode_attention(
         *acc_ws.stride(),
         counters if fused_combine else m_ws,
         counters.stride(0) if fused_combine else 0,
+        *rope,
         GROUP=group,
         HEAD_DIM=D,
         BLOCK_G=max(16, _next_pow2(group)),
@@ -603,6 +819,10 @@ def decode_attention(
         # fp32 caches: exact fp32 products (the default would silently round to tf32).
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         UPCAST_DOT=interpreted() and k_cache.dtype == torch.bfloat16,
+        ROPE=new_kv is not None,
+        NORM=head_norms is not None,
+        HALF=D // 2,
+        BLOCK_HALF=max(16, _next_pow2(D // 2)),
         # fp32 products run on FMA units, not tensor cores: at D > 64 four warps spill registers
         # on sm_90 (ptxas, tests/compile_for_gpu.py)
         num_warps=8 if k_cache.dtype == torch.float32 and D > 64 else 4,

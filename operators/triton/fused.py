@@ -277,6 +277,21 @@ def _check_unit_stride(fn: str, **tensors: torch.Tensor) -> None:
             )
 
 
+def _check_head_norms(
+    fn: str, heads: torch.Tensor, head_norms: tuple[torch.Tensor, torch.Tensor, float] | None
+) -> None:
+    """Per-head norm weights fit the heads ([..., D]) and are contiguous in their dtype."""
+    if head_norms is None:
+        return
+    for weight in head_norms[:2]:
+        _check_norm(heads, weight)
+        if weight.dtype != heads.dtype or weight.stride(-1) != 1:
+            raise TypeError(
+                f"{fn}: head norm weights must be contiguous {heads.dtype}, got "
+                f"{weight.dtype} with strides {weight.stride()}"
+            )
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -354,6 +369,45 @@ if triton is not None:
         return (p + r).to(DTYPE)
 
     @triton.jit
+    def _rope_values(
+        src_row,
+        heads,
+        head_mask,
+        offs,
+        d_mask,
+        c1,
+        c2,
+        s1,
+        s2,
+        stride_h,
+        norm_ptr,
+        eps,
+        DTYPE: tl.constexpr,
+        HALF: tl.constexpr,
+        NORM: tl.constexpr,
+    ):
+        # The two rotated halves [heads, HALF] (in DTYPE) of the heads of one token; src_row
+        # points at its head 0. With NORM, each head is first RMS-normalised over its D values
+        # with the weight at norm_ptr (Qwen3's per-head q/k norm; HF's rounding points, as
+        # `rms_norm`). Masked-off lanes are 0.
+        mask = head_mask[:, None] & d_mask[None, :]
+        src = src_row + heads[:, None] * stride_h + offs[None, :]
+        # Negate in fp32 (exact), not in the storage dtype.
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            variance = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
+            rstd = tl.math.rsqrt(variance + eps)[:, None]
+            w1 = tl.load(norm_ptr + offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            w2 = tl.load(norm_ptr + HALF + offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+            x1 = (w1 * (x1 * rstd).to(DTYPE).to(tl.float32)).to(DTYPE).to(tl.float32)
+            x2 = (w2 * (x2 * rstd).to(DTYPE).to(tl.float32)).to(DTYPE).to(tl.float32)
+        # rotate_half(x) = cat(-x2, x1): first half x1*cos1 - x2*sin1, second x2*cos2 + x1*sin2.
+        o1 = _rotate_pair(x1, c1[None, :], -x2, s1[None, :], DTYPE)
+        o2 = _rotate_pair(x2, c2[None, :], x1, s2[None, :], DTYPE)
+        return o1, o2
+
+    @triton.jit
     def _rope_heads(
         src_row,
         dst_row,
@@ -372,25 +426,25 @@ if triton is not None:
         HALF: tl.constexpr,
         NORM: tl.constexpr,
     ):
-        # src_row / dst_row point at head 0 of one token in the source and destination. With
-        # NORM, each head is first RMS-normalised over its D values with the weight at norm_ptr
-        # (Qwen3's per-head q/k norm; HF's rounding points, as `rms_norm`).
+        # `_rope_values` stored at dst_row (head 0 of the token in the destination).
+        o1, o2 = _rope_values(
+            src_row,
+            heads,
+            head_mask,
+            offs,
+            d_mask,
+            c1,
+            c2,
+            s1,
+            s2,
+            stride_h,
+            norm_ptr,
+            eps,
+            dst_row.dtype.element_ty,
+            HALF,
+            NORM,
+        )
         mask = head_mask[:, None] & d_mask[None, :]
-        src = src_row + heads[:, None] * stride_h + offs[None, :]
-        # Negate in fp32 (exact), not in the storage dtype.
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-        if NORM:
-            dtype = dst_row.dtype.element_ty
-            variance = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
-            rstd = tl.math.rsqrt(variance + eps)[:, None]
-            w1 = tl.load(norm_ptr + offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            w2 = tl.load(norm_ptr + HALF + offs, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-            x1 = (w1 * (x1 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-            x2 = (w2 * (x2 * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        # rotate_half(x) = cat(-x2, x1): first half x1*cos1 - x2*sin1, second x2*cos2 + x1*sin2.
-        o1 = _rotate_pair(x1, c1[None, :], -x2, s1[None, :], dst_row.dtype.element_ty)
-        o2 = _rotate_pair(x2, c2[None, :], x1, s2[None, :], dst_row.dtype.element_ty)
         dst = dst_row + heads[:, None] * stride_oh + offs[None, :]
         tl.store(dst, o1, mask=mask)
         tl.store(dst + HALF, o2, mask=mask)
@@ -827,14 +881,7 @@ def rope_write_kv(
     _check_kv_caches("rope_write_kv", k, k_cache, v_cache)
     if k_cache.dtype != k.dtype:
         raise ValueError(f"rope_write_kv: the caches are {k_cache.dtype}, k is {k.dtype}")
-    if head_norms is not None:
-        for weight in head_norms[:2]:
-            _check_norm(q[:, 0, 0], weight)
-            if weight.dtype != q.dtype or weight.stride(-1) != 1:
-                raise TypeError(
-                    f"rope_write_kv: head norm weights must be contiguous {q.dtype}, got "
-                    f"{weight.dtype} with strides {weight.stride()}"
-                )
+    _check_head_norms("rope_write_kv", q[:, 0, 0], head_norms)
     q_out = torch.empty((B, 1, Hq, D), dtype=q.dtype, device=q.device)
     cache = (v.transpose(1, 2), v_cache, slots, positions)
     _rope_launch(
