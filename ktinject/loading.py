@@ -11,6 +11,7 @@ the weights read and placed, so an operator placed on another device never costs
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -336,6 +337,7 @@ def load_weights(model: nn.Module, hf_dir: Path, dtype: torch.dtype, *, progress
                 tensor = handle.get_tensor(key)
                 state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
                 bar.update()
+    state = in_model_layout(model, state)
     fed = _feed_tied_operators(model, state)
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -355,6 +357,40 @@ def load_weights(model: nn.Module, hf_dir: Path, dtype: torch.dtype, *, progress
                 f"{hf_dir}: checkpoint has {len(unexpected)} weight(s) the model does not use, "
                 f"e.g. {unexpected[0]!r}; the directory does not match its config.json."
             )
+
+
+def in_model_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors renamed and merged the way transformers' own loader does for the
+    model's family (`transformers.conversion_mapping`): MoE checkpoints store each expert's
+    matrices apart (`experts.3.gate_proj.weight`), the modules hold one fused 3-D tensor per
+    layer (`experts.gate_up_proj`). Tensors no conversion names pass through; sources leave
+    `state` as they are merged, so at most one merged tensor is extra at a time."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return state
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    merged: dict[str, Any] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(state, key=dot_natural_key):  # experts in index order, as HF merges them
+        renamed, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            out[renamed] = state.pop(key)
+            continue
+        converter = merged.setdefault(renamed, copy.deepcopy(by_pattern[pattern]))
+        converter.add_tensor(renamed, key, pattern, state.pop(key))
+    for name, converter in merged.items():
+        out.update(converter.convert(name, model=model, config=model.config))
+    return out
 
 
 def _feed_tied_operators(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from assertions import one_sentence
-from tiny_models import tiny_model
+from tiny_models import ARCHITECTURES, tiny_model
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ktinject import loading
 from ktinject.errors import DeviceError, KtinjectError, ModelSourceError
+from ktinject.inject import place
 from ktinject.loading import (
     EMBEDDED_WHEEL,
     check_gguf_supported,
@@ -261,6 +262,22 @@ def test_a_hugging_face_directory_loads_and_generates_like_the_original(
         assert loaded.rules is None and loaded.report.replacements == []
     assert loaded.tokenizer("t5 t7").input_ids == [5, 7]
     assert torch.equal(greedy(loaded.model), greedy(tiny_model("llama")))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architectures_checkpoint_loads_as_saved_by_transformers(
+    arch: str, tmp_path: Path
+) -> None:
+    """save_pretrained writes MoE experts one matrix per expert (the hub's layout) while the
+    modules hold one fused 3-D tensor per layer; loading merges them as transformers does."""
+    original = tiny_model(arch)
+    original.save_pretrained(tmp_path)
+    planned = loading.plan(tmp_path, rules="auto", device="cpu")
+    loading.load_weights(planned.model, tmp_path, torch.float32, progress=False)
+    model = place(planned.model, planned.report, torch.device("cpu")).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_a_device_that_does_not_exist_names_the_flag(tiny_dir: Path) -> None:
