@@ -178,7 +178,9 @@ def _device_label(device: torch.device | None) -> str:
 
 
 def is_meta(module: nn.Module) -> bool:
-    return any(p.is_meta for p in module.parameters())
+    """Whether any weight of `module` still waits for the checkpoint (some operators keep theirs
+    as buffers, e.g. packed blocks)."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
 def place(model: nn.Module, report: InjectionReport, default: torch.device) -> nn.Module:

@@ -138,6 +138,34 @@ def kernel(fn: Callable[..., torch.Tensor], shape: tuple[Any, ...]) -> Callable[
     return fn if torch.compiler.is_compiling() else _compiled(fn, shape)
 
 
+def block_linear(
+    x: torch.Tensor,
+    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    fmt: BlockFormat,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`x [..., K] @ W.T` for the weight W [N, K] that `blocks` (packed, scales, mins) stand
+    for, computed and returned in `dtype`. Up to GEMV_ROWS rows stream the packed bytes (one
+    compiled GEMV per row when called eagerly: a kernel per row count would be compiled
+    otherwise, and dynamo keeps at most 8 per function; all rows at once inside a graph being
+    compiled, where it fuses); more rows dequantize W once and multiply."""
+    packed, scales, mins = blocks
+    in_features = packed.shape[1] * BLOCK
+    out_features = packed.shape[0]
+    rows = x.numel() // in_features
+    shape = (out_features, in_features, fmt.name, packed.device)
+    if rows <= GEMV_ROWS:
+        flat = x.reshape(rows, in_features).float()
+        gemv = kernel(block_gemv, shape)
+        if torch.compiler.is_compiling() or rows == 1:
+            out = gemv(flat, packed, scales, mins, fmt)
+        else:
+            out = torch.cat([gemv(flat[r : r + 1], packed, scales, mins, fmt) for r in range(rows)])
+        return out.to(dtype).reshape(*x.shape[:-1], out_features)
+    weight = kernel(dequantize, shape)(packed, scales, mins, fmt)
+    return F.linear(x, weight.to(dtype))
+
+
 class BlockQuantLinear(Operator):
     """Drop-in for `nn.Linear` (any float dtype) holding its weight in a GGUF block format.
 
@@ -231,11 +259,6 @@ class BlockQuantLinear(Operator):
             state_dict[f"{prefix}mins"] = mins
 
     @property
-    def shape(self) -> tuple[int, int, str, torch.device]:
-        """What a compiled kernel of this layer is specialised for."""
-        return (self.out_features, self.in_features, self.fmt.name, self.packed.device)
-
-    @property
     def device(self) -> torch.device:
         return self.packed.device
 
@@ -243,17 +266,8 @@ class BlockQuantLinear(Operator):
         return dequantize(self.packed, self.scales, self.mins, self.fmt).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        # Eagerly only single rows take the GEMV kernel: each row count would be a compiled
-        # kernel of its own, and dynamo keeps at most 8 per function.
-        if rows == 1 or (rows <= GEMV_ROWS and torch.compiler.is_compiling()):
-            flat = x.reshape(rows, self.in_features).float()
-            gemv = kernel(block_gemv, self.shape)
-            out = gemv(flat, self.packed, self.scales, self.mins, self.fmt)
-            out = out.to(self.compute_dtype).reshape(*x.shape[:-1], self.out_features)
-            return out if self.bias is None else out + self.bias
-        weight = kernel(dequantize, self.shape)(self.packed, self.scales, self.mins, self.fmt)
-        return F.linear(x, weight.to(self.compute_dtype), self.bias)
+        out = block_linear(x, (self.packed, self.scales, self.mins), self.fmt, self.compute_dtype)
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         shape = f"{self.in_features}, {self.out_features}"

@@ -94,22 +94,6 @@ def test_decode_logits_match_hf(pair) -> None:
         assert_logits_close(step, expected[index])
 
 
-def test_cpu_experts_rule_file_gives_hf_tokens() -> None:
-    """rules/qwen3-moe-cpu-experts.yaml: every layer's experts on the CPU, exact tokens; the
-    engine says why it neither captures nor compiles that decode step."""
-    from operators.experts import CPUExperts
-
-    reference = tiny_model("qwen3_moe")
-    patched, report = optimize(copy.deepcopy(reference), "qwen3-moe-cpu-experts", strict=True)
-    experts = [r for r in report.replacements if r.name.endswith(".experts")]
-    assert len(experts) == reference.config.num_hidden_layers
-    assert {(r.operator, r.device) for r in experts} == {(CPUExperts.__name__, "cpu")}
-    engine = Engine(patched, compile=True, chunk_size=7)
-    assert engine.compiled is None
-    assert engine.notes() == [f"--compile has no effect here: {CPUExperts.not_capturable}"]
-    assert engine_greedy(engine, PROMPT) == hf_greedy(reference, PROMPT)
-
-
 def test_unpatched_model_runs_on_dynamic_cache(pair) -> None:
     """A model no rule touched (or with an empty rule file) runs through HF's DynamicCache."""
     _, reference, _ = pair

@@ -6,7 +6,6 @@ Tolerances: fp32 atol 1e-5 (operators reorder nothing but fuse matmuls); bf16 2e
 from __future__ import annotations
 
 import contextlib
-import re
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from tiny_models import tiny_model
 
 from ktinject.cache import AttentionContext, StaticKVCache, use_context
 from operators.attention import StaticCacheAttention
-from operators.experts import GATHER_ROWS, CPUExperts, GatheredExperts
+from operators.experts import GATHER_ROWS, GatheredExperts
 from operators.mlp import FusedGatedMLP
 from operators.norm import RMSNorm
 from operators.rope import RotaryTable
@@ -114,50 +113,6 @@ def test_gathered_experts_match_hf(arch: str, tokens: int, dtype: torch.dtype) -
     torch.testing.assert_close(
         operator(hidden, index, weights), original(hidden, index, weights), **tol
     )
-
-
-def routed(model: torch.nn.Module, tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Hidden states of `tokens` tokens, each routed to 2 distinct experts with softmax weights."""
-    experts = model.config.num_experts if hasattr(model.config, "num_experts") else 4
-    hidden = torch.randn(tokens, model.config.hidden_size, dtype=dtype)
-    index = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)])
-    return hidden, index, torch.rand(tokens, 2).softmax(-1).to(dtype)
-
-
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3"])
-@pytest.mark.parametrize("tokens", [1, 3 * GATHER_ROWS])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_experts_match_hf(arch: str, tokens: int, dtype: torch.dtype) -> None:
-    model = tiny_model(arch, dtype=dtype)
-    layer = 1 if arch == "deepseek_v3" else 0  # DeepSeek's layer 0 is dense
-    original = model.model.layers[layer].mlp.experts
-    name = f"model.layers.{layer}.mlp.experts"
-    operator = CPUExperts.from_module(
-        original, name=name, config=model.config, device=torch.device("cpu"), threads=1
-    )
-    threads = torch.get_num_threads()
-    inputs = routed(model, tokens, dtype)
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(operator(*inputs), original(*inputs), **tol)
-    assert torch.get_num_threads() == threads, "the experts' thread count is restored"
-
-
-@pytest.mark.parametrize(
-    ("device", "threads", "message"),
-    [
-        ("cuda:0", None, "places them on cuda:0; set the rule's replace.device to cpu"),
-        (None, None, "places them on None"),
-        ("cpu", 0, "threads must be a positive integer or null, not 0"),
-        ("cpu", "8", "threads must be a positive integer or null, not '8'"),
-    ],
-)
-def test_cpu_experts_refuse_other_devices_and_bad_threads(device, threads, message) -> None:
-    model = tiny_model("qwen3_moe")
-    experts = model.model.layers[0].mlp.experts
-    with pytest.raises(TypeError, match=re.escape(message)):
-        CPUExperts.from_module(
-            experts, name="experts", config=model.config, device=device, threads=threads
-        )
 
 
 ROPES = {
