@@ -24,13 +24,23 @@ from collections.abc import Iterator
 from typing import Any, Self
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from operators.base import Operator, check_source, take
-from operators.linear import BLOCK, FORMATS, BlockFormat, block_linear, quantize_blocks
+from operators.linear import (
+    BLOCK,
+    FORMATS,
+    BlockFormat,
+    block_gemv,
+    block_linear,
+    kernel,
+    quantize_blocks,
+)
 
 GATHER_ROWS = 8  # at most this many tokens take the gathered (graph-safe) path
 PROJECTIONS = ("gate_up_proj", "down_proj")
+SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' SiLU modules: F.silu
 
 
 class GatheredExperts(Operator):
@@ -234,18 +244,37 @@ class CPUExperts(GatheredExperts):
     def _expert_mlp(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         if self.fmt is None:
             return super()._expert_mlp(expert, x)
-        gate, up = self._project("gate_up_proj", expert, x).chunk(2, dim=-1)
-        return self._project("down_proj", expert, self.act_fn(gate) * up)
+        gate_up, down = (self._blocks(name, expert) for name in PROJECTIONS)
+        if x.shape[0] == 1 and type(self.act_fn).__name__ in SILU:
+            # decode: both products and the activation in one compiled call, shared by all
+            # layers (the activation is not an argument: a module would be guarded by identity)
+            shape = (*gate_up[0].shape, *down[0].shape, self.fmt.name, x.dtype)
+            return kernel(block_silu_expert, shape)(x, gate_up, down, self.fmt)
+        gate, up = block_linear(x, gate_up, self.fmt, x.dtype).chunk(2, dim=-1)
+        return block_linear(self.act_fn(gate) * up, down, self.fmt, x.dtype)
 
-    def _project(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        blocks = [getattr(self, f"{name}_{part}") for part in ("packed", "scales", "mins")]
-        blocks = tuple(None if t is None else t[expert] for t in blocks)
-        return block_linear(x, blocks, self.fmt, x.dtype)
+    def _blocks(self, name: str, expert: int) -> tuple[torch.Tensor | None, ...]:
+        """(packed, scales, mins) of one expert's `name` matrix."""
+        parts = [getattr(self, f"{name}_{part}") for part in ("packed", "scales", "mins")]
+        return tuple(None if t is None else t[expert] for t in parts)
 
     def extra_repr(self) -> str:
         threads = f", threads={self.threads}" if self.threads is not None else ""
         fmt = f", format={self.fmt.name}" if self.fmt is not None else ""
         return super().extra_repr() + threads + fmt
+
+
+def block_silu_expert(
+    x: torch.Tensor,
+    gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    fmt: BlockFormat,
+) -> torch.Tensor:
+    """One token [1, H] through one SiLU expert held as blocks, rounded where the unfused path
+    (`block_linear` twice) rounds: compiled as one kernel call instead of two."""
+    gate, up = block_gemv(x.float(), *gate_up, fmt).to(x.dtype).chunk(2, dim=-1)
+    inner = F.silu(gate) * up
+    return block_gemv(inner.float(), *down, fmt).to(x.dtype)
 
 
 @contextlib.contextmanager
