@@ -41,6 +41,7 @@ from operators.linear import (
 GATHER_ROWS = 8  # at most this many tokens take the gathered (graph-safe) path
 PROJECTIONS = ("gate_up_proj", "down_proj")
 SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' SiLU modules: F.silu
+BLOCK_PARTS = ("packed", "scales", "mins")  # buffers of one matrix in a block format
 
 
 class GatheredExperts(Operator):
@@ -199,10 +200,9 @@ class CPUExperts(GatheredExperts):
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
-        home, here = hidden_states.device, next(self.buffers(), None)
-        here = (here if here is not None else self.gate_up_proj).device
+        home = hidden_states.device
         inputs = [
-            t.to(here, non_blocking=True) for t in (hidden_states, top_k_index, top_k_weights)
+            t.to("cpu", non_blocking=True) for t in (hidden_states, top_k_index, top_k_weights)
         ]
         if home.type == "cuda":  # the three copies were queued; wait for them once
             torch.cuda.current_stream(home).synchronize()
@@ -223,7 +223,7 @@ class CPUExperts(GatheredExperts):
             parts = (packed, scales, scales.clone() if self.fmt.has_min else None)
         else:
             parts = self._quantized(weight)
-        for part, tensor in zip(("packed", "scales", "mins"), parts, strict=True):
+        for part, tensor in zip(BLOCK_PARTS, parts, strict=True):
             self.register_buffer(f"{name}_{part}", tensor)
 
     def _quantized(self, weight: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -237,7 +237,7 @@ class CPUExperts(GatheredExperts):
             if weight is None:
                 continue
             parts = self._quantized(weight)
-            for part, tensor in zip(("packed", "scales", "mins"), parts, strict=True):
+            for part, tensor in zip(BLOCK_PARTS, parts, strict=True):
                 if tensor is not None:
                     state_dict[f"{prefix}{name}_{part}"] = tensor
 
@@ -255,7 +255,7 @@ class CPUExperts(GatheredExperts):
 
     def _blocks(self, name: str, expert: int) -> tuple[torch.Tensor | None, ...]:
         """(packed, scales, mins) of one expert's `name` matrix."""
-        parts = [getattr(self, f"{name}_{part}") for part in ("packed", "scales", "mins")]
+        parts = [getattr(self, f"{name}_{part}") for part in BLOCK_PARTS]
         return tuple(None if t is None else t[expert] for t in parts)
 
     def extra_repr(self) -> str:
