@@ -458,13 +458,12 @@ class Engine:
         return graph
 
     def _capture_fastest(self, batch: int) -> _DecodeGraph:
-        """Capture the decode step fused (norms folded into the projections, `operators.triton.
-        gemv`; the new token rotated and written inside decode attention) and plain, time both
-        replays, keep the faster — the fused one only if
-        its logits agree with the plain one's (`same_logits`). Which wins depends on the card
-        and the shapes; measuring costs one more capture and a few ms of replays. The choice per
-        batch size is kept for later captures (a grown cache) and in `fused_gemv_choice`
-        (shown by `bench`)."""
+        """Capture the decode step fused (norms folded into the projections,
+        `operators.triton.gemv`; the new token rotated and written inside decode attention) and
+        plain, time both replays, keep the faster — the fused one only if its logits agree with
+        the plain one's (`same_logits`). Which wins depends on the card and the shapes;
+        measuring costs one more capture and a few ms of replays. The choice per batch size is
+        kept for later captures (a grown cache) and in `fused_gemv_choice` (shown by `bench`)."""
         options = self.decode_graph_options(batch)
         graphs = {fused: _DecodeGraph(self, batch, fused=fused) for fused in options}
         best = fastest({fused: graph.graph.replay for fused, graph in graphs.items()})
