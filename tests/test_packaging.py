@@ -1,7 +1,10 @@
-"""The wheel ships every package of the source tree (pyproject lists them one by one)."""
+"""What an installed ktinject needs: every package in the wheel (pyproject lists them one by one),
+and operators that import where Triton does not."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -20,3 +23,20 @@ def test_every_package_is_listed_for_the_wheel() -> None:
         for init in (ROOT / top).rglob("__init__.py")
     }
     assert found <= listed, f"add {sorted(found - listed)} to pyproject.toml's packages"
+
+
+def test_operators_import_without_triton() -> None:
+    """Triton is optional (the torch references serve CPUs, e.g. macOS): every operator module
+    imports in a process where `import triton` fails."""
+    blocker = (
+        "import sys\n"
+        "class NoTriton:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('triton is blocked')\n"
+        "sys.meta_path.insert(0, NoTriton())\n"
+        "import operators.attention, operators.experts, operators.layer, operators.mla\n"
+        "import operators.mlp, operators.norm, operators.rope, ktinject.engine\n"
+    )
+    done = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -58,7 +58,6 @@ from operators.triton.fused import (
     _check_rope,
     _check_triton_call,
     _check_unit_stride,
-    _rope_values,
     interpreted,
 )
 
@@ -171,6 +170,7 @@ def _default_split_len(cache_len: int) -> int:
 
 
 if triton is not None:
+    from operators.triton.fused import _rope_values
 
     @triton.jit
     def _mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
