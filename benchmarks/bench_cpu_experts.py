@@ -1,5 +1,6 @@
 """One MoE layer's experts computed on the CPU: Hugging Face's experts module vs `CPUExperts`
-(the checkpoint's dtype, and GGUF blocks Q8_0 / Q4_1), in the same process on the same weights.
+(the checkpoint's dtype, and GGUF blocks Q8_0 / Q4_1) and vs `GatheredExperts` (what the shipped
+MoE rule files use), in the same process on the same weights.
 
 The shape defaults to one Qwen3-30B-A3B layer (128 experts, hidden 2048, expert width 768,
 top-8), random weights in `--dtype`. Each round calls every system once per token count,
@@ -27,7 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from ktinject.bench.measure import machine  # noqa: E402
-from operators.experts import CPUExperts  # noqa: E402
+from operators.experts import CPUExperts, GatheredExperts  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     hf = hf_experts(args, dtype)
     cpu = torch.device("cpu")
-    systems: dict[str, nn.Module] = {"hf": hf}
+    systems: dict[str, nn.Module] = {
+        "hf": hf,
+        "ktinject-gathered": GatheredExperts.from_module(hf, name="e", config=None, device=cpu),
+    }
     for fmt in (None, "q8_0", "q4_1"):
         systems[f"ktinject-{fmt or args.dtype}"] = CPUExperts.from_module(
             hf, name="experts", config=None, device=cpu, format=fmt

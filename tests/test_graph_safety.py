@@ -19,6 +19,7 @@ from tiny_models import MOE_ARCHITECTURES, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import operators.attention
+import operators.experts
 import operators.layer
 import operators.mlp
 import operators.norm
@@ -54,6 +55,7 @@ class NoHostSync(TorchDispatchMode):
 def gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in (operators.attention, operators.layer, operators.mlp, operators.norm):
         monkeypatch.setattr(module, "use_triton", lambda tensor: True)
+    monkeypatch.setattr(operators.experts, "graph_safe", lambda tensor: True)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gemv"])

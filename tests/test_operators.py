@@ -6,6 +6,7 @@ Tolerances: fp32 atol 1e-5 (operators reorder nothing but fuse matmuls); bf16 2e
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import pytest
 import torch
@@ -99,8 +100,17 @@ def test_fused_residual_layer_matches_hf(arch: str, fused: bool, monkeypatch) ->
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3"])
 @pytest.mark.parametrize("tokens", [1, GATHER_ROWS, 3 * GATHER_ROWS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gathered_experts_match_hf(arch: str, tokens: int, dtype: torch.dtype) -> None:
-    """Up to GATHER_ROWS tokens take the gathered path, more the grouped loop; both vs HF's."""
+@pytest.mark.parametrize("graph_safe", [True, False], ids=["graph-safe", "cpu-eager"])
+def test_gathered_experts_match_hf(
+    arch: str, tokens: int, dtype: torch.dtype, graph_safe: bool, monkeypatch
+) -> None:
+    """Up to GATHER_ROWS tokens take the gathered path where no host read is allowed (GPU,
+    torch.compile), the grouped loop otherwise and for more tokens; both vs HF's."""
+    import operators.experts
+
+    monkeypatch.setattr(operators.experts, "graph_safe", lambda tensor: graph_safe)
+    real = GatheredExperts._gathered
+    gathered = mock.patch.object(GatheredExperts, "_gathered", autospec=True, side_effect=real)
     model = tiny_model(arch, dtype=dtype)
     layer = 1 if arch == "deepseek_v3" else 0  # DeepSeek's layer 0 is dense
     original = model.model.layers[layer].mlp.experts
@@ -110,9 +120,10 @@ def test_gathered_experts_match_hf(arch: str, tokens: int, dtype: torch.dtype) -
     index = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k).softmax(-1).to(dtype)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(
-        operator(hidden, index, weights), original(hidden, index, weights), **tol
-    )
+    with gathered as spy:
+        actual = operator(hidden, index, weights)
+    torch.testing.assert_close(actual, original(hidden, index, weights), **tol)
+    assert spy.call_count == int(graph_safe and tokens <= GATHER_ROWS)
 
 
 ROPES = {
