@@ -21,7 +21,7 @@ decode step, so the engine decodes such a model eagerly (`not_capturable`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Self
 
 import torch
@@ -91,19 +91,32 @@ class GatheredExperts(Operator):
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
-        if hidden_states.shape[0] <= GATHER_ROWS and graph_safe(hidden_states):
+        rows = hidden_states.shape[0]
+        if rows <= GATHER_ROWS and graph_safe(hidden_states):
             return self._gathered(hidden_states, top_k_index, top_k_weights)
+        if rows == 1:
+            return self._one_token(hidden_states, top_k_index, top_k_weights)
         return self._grouped(hidden_states, top_k_index, top_k_weights)
 
     def _gathered(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """Each token through its own k experts, as batched matrix-vector products."""
-        gate_up = self.gate_up_proj[index] @ hidden[:, None, :, None]  # [T, k, 2I, 1]
-        gate, up = gate_up[..., 0].chunk(2, dim=-1)
-        inner = self.act_fn(gate) * up  # [T, k, I]
-        out = (self.down_proj[index] @ inner[..., None])[..., 0]  # [T, k, H]
-        return (out * weights[..., None]).sum(1).to(hidden.dtype)
+        return gathered_experts(
+            hidden, index, weights, self.gate_up_proj, self.down_proj, self.act_fn
+        )
+
+    def _one_token(
+        self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """A CPU decode step's token: the gathered products compiled on their own (inductor
+        reads the k experts' weights in place, no copies; 1.7 vs 3.0 ms for HF's loop on a
+        Qwen3-30B-A3B layer here), once per weight shape for all layers; SiLU experts only
+        (the activation is not an argument: a module would be guarded by identity)."""
+        if type(self.act_fn).__name__ not in SILU:
+            return self._grouped(hidden, index, weights)
+        shape = (*self.gate_up_proj.shape, *self.down_proj.shape, hidden.dtype, index.shape)
+        compiled = kernel(gathered_experts, shape)
+        return compiled(hidden, index, weights, self.gate_up_proj, self.down_proj)
 
     def _grouped(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
@@ -137,9 +150,9 @@ class GatheredExperts(Operator):
 
 class CPUExperts(GatheredExperts):
     """HF's fused experts kept and computed on the CPU, whatever device the layer's hidden states
-    come from; the result goes back to that device. Every token count takes the grouped loop
-    (one pair of matmuls per expert that received tokens, reading the weights in place): on the
-    CPU the routing is on the host anyway, and gathering expert matrices would copy them.
+    come from; the result goes back to that device. On the CPU the routing may be read on the
+    host: a single token takes the compiled gathered products (`_one_token`), more tokens the
+    grouped loop (one pair of matmuls per expert that received tokens, weights read in place).
 
     `threads` (rule kwarg): torch intra-op threads for the experts' matmuls, set around each
     call and restored after (default: torch's, one per physical core).
@@ -214,7 +227,8 @@ class CPUExperts(GatheredExperts):
         if home.type == "cuda":  # the three copies were queued; wait for them once
             torch.cuda.current_stream(home).synchronize()
         with intra_op_threads(self.threads):
-            out = self._grouped(*inputs)
+            one = self.fmt is None and inputs[0].shape[0] == 1
+            out = (self._one_token if one else self._grouped)(*inputs)
         return out.to(home, non_blocking=True)
 
     def _store_blocks(self, name: str, weight: torch.Tensor) -> None:
@@ -269,6 +283,23 @@ class CPUExperts(GatheredExperts):
         threads = f", threads={self.threads}" if self.threads is not None else ""
         fmt = f", format={self.fmt.name}" if self.fmt is not None else ""
         return super().extra_repr() + threads + fmt
+
+
+def gathered_experts(
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+) -> torch.Tensor:
+    """Each token through its own k experts, as batched matrix-vector products over the weights
+    of those experts gathered by `index` (no value read on the host)."""
+    gate_up = gate_up_proj[index] @ hidden[:, None, :, None]  # [T, k, 2I, 1]
+    gate, up = gate_up[..., 0].chunk(2, dim=-1)
+    inner = act_fn(gate) * up  # [T, k, I]
+    out = (down_proj[index] @ inner[..., None])[..., 0]  # [T, k, H]
+    return (out * weights[..., None]).sum(1).to(hidden.dtype)
 
 
 def block_silu_expert(
