@@ -20,6 +20,7 @@ kernel) and multiply with `F.linear`.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -30,6 +31,8 @@ from torch import nn
 
 from ktinject.compiling import own_copy
 from operators.base import Operator
+
+log = logging.getLogger(__name__)
 
 BLOCK = 32
 GEMV_ROWS = 8  # at most this many rows (a decode batch) take the fused GEMV in a compiled graph
@@ -128,7 +131,30 @@ def block_gemv(
 
 @functools.cache
 def _compiled(fn: Callable[..., torch.Tensor], shape: tuple[Any, ...]) -> Callable[..., Any]:
-    return torch.compile(own_copy(fn), dynamic=False)
+    """`fn` compiled for one weight shape; if compiling fails (inductor needs a C++ compiler on
+    a CPU, which slim images lack) it warns once and runs `fn` eagerly from then on: slower,
+    same results."""
+    current = torch.compile(own_copy(fn), dynamic=False)
+
+    def call(*args: Any) -> Any:
+        nonlocal current
+        try:
+            return current(*args)
+        except Exception as exc:  # noqa: BLE001 - inductor raises many kinds; all mean the same
+            if current is fn:
+                raise
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            log.warning(
+                "torch.compile could not compile %s for %s (%s: %s); running it eagerly",
+                fn.__name__,
+                shape,
+                type(exc).__name__,
+                first,
+            )
+            current = fn
+            return fn(*args)
+
+    return call
 
 
 def kernel(fn: Callable[..., torch.Tensor], shape: tuple[Any, ...]) -> Callable[..., Any]:

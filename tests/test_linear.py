@@ -8,6 +8,8 @@ from a GGUF block format must be recovered bit for bit, checked against gguf's o
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 
 import numpy as np
 import pytest
@@ -29,6 +31,7 @@ from ktinject.errors import RuleError
 from operators.linear import (
     FORMATS,
     BlockQuantLinear,
+    _compiled,
     block_gemv,
     dequantize,
     quantize_blocks,
@@ -112,13 +115,39 @@ def block_linear(fmt: str) -> tuple[nn.Linear, BlockQuantLinear]:
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("rows", [1, 3, 9])
 def test_operator_matches_linear(fmt: str, rows: int) -> None:
-    """One row takes the compiled GEMV kernel; more rows dequantize (compiled) and multiply."""
+    """Up to GEMV_ROWS rows take the compiled GEMV kernel (one call per row); more rows
+    dequantize (compiled) and multiply."""
     linear, operator = block_linear(fmt)
     x = torch.randn(rows, 1, 64)
     expected = F.linear(x, linear.weight, linear.bias)
     torch.testing.assert_close(operator(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_that_cannot_compile_runs_eagerly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a C++ compiler inductor fails on a CPU: one warning, then the same results from
+    the eager expression."""
+    import operators.linear
+
+    def broken(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(operators.linear, "_compiled", functools.cache(_compiled.__wrapped__))
+    linear, operator = block_linear("q4_1")
+    x = torch.randn(1, 1, 64)
+    with caplog.at_level(logging.WARNING, logger="operators.linear"):
+        for _ in range(2):
+            out = operator(x)
+    torch.testing.assert_close(out, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "running it eagerly" in warnings[0]
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
