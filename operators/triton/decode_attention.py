@@ -713,8 +713,8 @@ def decode_attention(
             merges the splits itself and the second launch is skipped (except for fp32 caches
             with D > 64); every call leaves the counters at zero again.
         new_kv: ``(k, v, cos, sin)`` of the step's new token, to write and rotate in the same
-            launch (what `operators.triton.fused.rope_write_kv` would do first): ``q`` and ``k``
-            ``[B, Hkv, D]`` arrive unrotated, ``v`` ``[B, Hkv, D]``, ``cos``/``sin`` ``[B, D]``
+            launch (what `operators.triton.fused.rope_write_kv` would do first): ``q`` and
+            ``k`` ``[B, Hkv, D]`` arrive unrotated, ``v`` ``[B, Hkv, D]``, ``cos``/``sin`` ``[B, D]``
             or ``[1, D]`` (HF's ``rotate_half`` convention and rounding, in q's dtype); the new
             position of row ``b`` is ``seq_lens[b] - 1``, whose split writes k and v there
             before reading it. ``head_norms = (q_weight, k_weight, eps)`` RMS-normalises each
