@@ -714,8 +714,9 @@ def decode_attention(
             with D > 64); every call leaves the counters at zero again.
         new_kv: ``(k, v, cos, sin)`` of the step's new token, to write and rotate in the same
             launch (what `operators.triton.fused.rope_write_kv` would do first): ``q`` and
-            ``k`` ``[B, Hkv, D]`` arrive unrotated, ``v`` ``[B, Hkv, D]``, ``cos``/``sin`` ``[B, D]``
-            or ``[1, D]`` (HF's ``rotate_half`` convention and rounding, in q's dtype); the new
+            ``k`` ``[B, Hkv, D]`` arrive unrotated, ``v`` ``[B, Hkv, D]``, ``cos``/``sin``
+            ``[B, D]`` or ``[1, D]`` (HF's ``rotate_half`` convention and rounding, in q's
+            dtype); the new
             position of row ``b`` is ``seq_lens[b] - 1``, whose split writes k and v there
             before reading it. ``head_norms = (q_weight, k_weight, eps)`` RMS-normalises each
             q and k head first (Qwen3). Last dims contiguous.
