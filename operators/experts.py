@@ -94,8 +94,8 @@ class GatheredExperts(Operator):
         rows = hidden_states.shape[0]
         if rows <= GATHER_ROWS and graph_safe(hidden_states):
             return self._gathered(hidden_states, top_k_index, top_k_weights)
-        if rows == 1:
-            return self._one_token(hidden_states, top_k_index, top_k_weights)
+        if rows <= GATHER_ROWS:
+            return self._token_by_token(hidden_states, top_k_index, top_k_weights)
         return self._grouped(hidden_states, top_k_index, top_k_weights)
 
     def _gathered(
@@ -105,18 +105,24 @@ class GatheredExperts(Operator):
             hidden, index, weights, self.gate_up_proj, self.down_proj, self.act_fn
         )
 
-    def _one_token(
+    def _token_by_token(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """A CPU decode step's token: the gathered products compiled on their own (inductor
-        reads the k experts' weights in place, no copies; 1.7 vs 3.0 ms for HF's loop on a
-        Qwen3-30B-A3B layer here), once per weight shape for all layers; SiLU experts only
-        (the activation is not an argument: a module would be guarded by identity)."""
+        """A CPU decode step: each token through the gathered products compiled on their own
+        (inductor reads the k experts' weights in place, no copies: 1.7 vs 3.0 ms for HF's loop
+        per token on a Qwen3-30B-A3B layer here), one compiled kernel for every layer and batch
+        size; SiLU experts only (the activation is not an argument: a module would be guarded
+        by identity)."""
         if type(self.act_fn).__name__ not in SILU:
             return self._grouped(hidden, index, weights)
-        shape = (*self.gate_up_proj.shape, *self.down_proj.shape, hidden.dtype, index.shape)
+        shape = (*self.gate_up_proj.shape, *self.down_proj.shape, hidden.dtype, index.shape[1])
         compiled = kernel(gathered_experts, shape)
-        return compiled(hidden, index, weights, self.gate_up_proj, self.down_proj)
+        experts = (self.gate_up_proj, self.down_proj)
+        rows = [
+            compiled(hidden[t : t + 1], index[t : t + 1], weights[t : t + 1], *experts)
+            for t in range(hidden.shape[0])
+        ]
+        return torch.cat(rows)
 
     def _grouped(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
@@ -151,7 +157,7 @@ class GatheredExperts(Operator):
 class CPUExperts(GatheredExperts):
     """HF's fused experts kept and computed on the CPU, whatever device the layer's hidden states
     come from; the result goes back to that device. On the CPU the routing may be read on the
-    host: a single token takes the compiled gathered products (`_one_token`), more tokens the
+    host: decode tokens take the compiled gathered products (`_token_by_token`), more tokens the
     grouped loop (one pair of matmuls per expert that received tokens, weights read in place).
 
     `threads` (rule kwarg): torch intra-op threads for the experts' matmuls, set around each
@@ -227,8 +233,8 @@ class CPUExperts(GatheredExperts):
         if home.type == "cuda":  # the three copies were queued; wait for them once
             torch.cuda.current_stream(home).synchronize()
         with intra_op_threads(self.threads):
-            one = self.fmt is None and inputs[0].shape[0] == 1
-            out = (self._one_token if one else self._grouped)(*inputs)
+            few = self.fmt is None and inputs[0].shape[0] <= GATHER_ROWS
+            out = (self._token_by_token if few else self._grouped)(*inputs)
         return out.to(home, non_blocking=True)
 
     def _store_blocks(self, name: str, weight: torch.Tensor) -> None:

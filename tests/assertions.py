@@ -1,8 +1,25 @@
-"""Checks shared by the tests of user-facing errors."""
+"""Checks shared by the tests: user-facing errors, and outputs against the HF oracle."""
 
 from __future__ import annotations
 
+import torch
+
 from ktinject.errors import KtinjectError
+
+
+def assert_matches_oracle(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """The project's tolerances against the unpatched module: fp32 elementwise 1e-5; 16-bit 2e-2
+    of the output's scale (bf16 keeps 8 bits: reordered sums, or one path rounding where the
+    other does not, move single small elements by several ulps)."""
+    if expected.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+        return
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    scale = expected.float().abs().max().item()
+    worst = (actual.float() - expected.float()).abs().max().item()
+    assert worst <= 2e-2 * scale, (
+        f"max difference {worst:.3g} exceeds 2e-2 of the scale {scale:.3g}"
+    )
 
 
 def one_sentence(error: BaseException, *fragments: str) -> str:

@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+from assertions import assert_matches_oracle
 from test_equivalence import PROMPT, engine_greedy, hf_greedy
 from tiny_models import tiny_model
 
@@ -60,8 +61,7 @@ def test_cpu_experts_match_hf(arch: str, tokens: int, dtype: torch.dtype) -> Non
     operator = build(original, model, threads=1)
     threads = torch.get_num_threads()
     inputs = routed(model, tokens, dtype)
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(operator(*inputs), original(*inputs), **tol)
+    assert_matches_oracle(operator(*inputs), original(*inputs))
     assert torch.get_num_threads() == threads, "the experts' thread count is restored"
 
 
