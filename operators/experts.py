@@ -115,14 +115,19 @@ class GatheredExperts(Operator):
         by identity)."""
         if type(self.act_fn).__name__ not in SILU:
             return self._grouped(hidden, index, weights)
-        shape = (*self.gate_up_proj.shape, *self.down_proj.shape, hidden.dtype, index.shape[1])
-        compiled = kernel(gathered_experts, shape)
-        experts = (self.gate_up_proj, self.down_proj)
+        compiled, experts = self._decode_kernel(hidden.dtype, index.shape[1])
         rows = [
             compiled(hidden[t : t + 1], index[t : t + 1], weights[t : t + 1], *experts)
             for t in range(hidden.shape[0])
         ]
         return torch.cat(rows)
+
+    def _decode_kernel(
+        self, dtype: torch.dtype, top_k: int
+    ) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]]:
+        """The compiled one-token function and the expert operands it takes after the token."""
+        shape = (*self.gate_up_proj.shape, *self.down_proj.shape, dtype, top_k)
+        return kernel(gathered_experts, shape), (self.gate_up_proj, self.down_proj)
 
     def _grouped(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
@@ -233,7 +238,7 @@ class CPUExperts(GatheredExperts):
         if home.type == "cuda":  # the three copies were queued; wait for them once
             torch.cuda.current_stream(home).synchronize()
         with intra_op_threads(self.threads):
-            few = self.fmt is None and inputs[0].shape[0] <= GATHER_ROWS
+            few = inputs[0].shape[0] <= GATHER_ROWS
             out = (self._token_by_token if few else self._grouped)(*inputs)
         return out.to(home, non_blocking=True)
 
@@ -280,9 +285,20 @@ class CPUExperts(GatheredExperts):
         gate, up = block_linear(x, gate_up, self.fmt, x.dtype).chunk(2, dim=-1)
         return block_linear(self.act_fn(gate) * up, down, self.fmt, x.dtype)
 
-    def _blocks(self, name: str, expert: int) -> tuple[torch.Tensor | None, ...]:
-        """(packed, scales, mins) of one expert's `name` matrix."""
+    def _decode_kernel(
+        self, dtype: torch.dtype, top_k: int
+    ) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]]:
+        if self.fmt is None:
+            return super()._decode_kernel(dtype, top_k)
+        gate_up, down = (self._blocks(name) for name in PROJECTIONS)
+        shape = (*gate_up[0].shape, *down[0].shape, self.fmt.name, dtype, top_k)
+        return kernel(gathered_block_experts, shape), (gate_up, down, self.fmt)
+
+    def _blocks(self, name: str, expert: int | None = None) -> tuple[torch.Tensor | None, ...]:
+        """(packed, scales, mins) of the `name` matrices of all experts, or of one."""
         parts = [getattr(self, f"{name}_{part}") for part in BLOCK_PARTS]
+        if expert is None:
+            return tuple(parts)
         return tuple(None if t is None else t[expert] for t in parts)
 
     def extra_repr(self) -> str:
@@ -306,6 +322,26 @@ def gathered_experts(
     inner = act_fn(gate) * up  # [T, k, I]
     out = (down_proj[index] @ inner[..., None])[..., 0]  # [T, k, H]
     return (out * weights[..., None]).sum(1).to(hidden.dtype)
+
+
+def gathered_block_experts(
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    fmt: BlockFormat,
+) -> torch.Tensor:
+    """One token [1, H] through its k SiLU experts held as blocks ([E, N, K/32, w] each),
+    `gathered_experts` for block formats: compiled, the blocks of the k experts are read in
+    place, all in one call."""
+    experts = index[0]
+    gate_up = tuple(None if t is None else t[experts] for t in gate_up)
+    down = tuple(None if t is None else t[experts] for t in down)
+    gate, up = block_gemv(hidden.float(), *gate_up, fmt).to(hidden.dtype).chunk(2, dim=-1)
+    inner = F.silu(gate) * up  # [k, I]
+    out = block_gemv(inner.float(), *down, fmt).to(hidden.dtype)  # [k, H]
+    return (out * weights[0][:, None]).sum(0, keepdim=True).to(hidden.dtype)
 
 
 def block_silu_expert(

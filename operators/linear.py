@@ -115,12 +115,12 @@ def block_gemv(
     """`x @ dequantize(...).T` for a few rows, written so inductor fuses it into one pass over
     the packed bytes (unpack, scale, multiply, accumulate; measured fastest of five forms on a
     2-core AVX-512 CPU: ~15 GB/s of Q4_1 blocks, vs ~17 GB/s for an fp32 matmul of 6.4x the
-    bytes). x: [M, K] float32; returns [M, N]."""
-    rows = x.shape[0]
-    n_blocks = packed.shape[1]
-    xb = x.reshape(rows, 1, n_blocks, 2, BLOCK // 2)
+    bytes). x: [M, K] float32; returns [M, N]. Leading dims broadcast: packed [E, N, K/32, w]
+    (several matrices, e.g. a token's experts) with x [1, K] or [E, K] gives [E, N]."""
+    n_blocks = packed.shape[-2]
+    xb = x.reshape(*x.shape[:-1], 1, n_blocks, 2, BLOCK // 2)
     if fmt.bits == 8:
-        q = packed.view(*packed.shape[:2], 2, BLOCK // 2).float()
+        q = packed.view(*packed.shape[:-1], 2, BLOCK // 2).float()
         dot = (q[..., 0, :] * xb[..., 0, :] + q[..., 1, :] * xb[..., 1, :]).sum(-1)
         return (dot * scales.float()).sum(-1)
     d, m = scales.float()[..., None], mins.float()[..., None]
