@@ -91,3 +91,27 @@ def test_bad_flags_fail_in_one_sentence(flags, message):
     args = parse("--shape", "tiny", "--device", "cpu", *flags)
     with pytest.raises(KtinjectError, match=message):
         run_bench(args)
+
+
+def test_rule_variables_are_set_from_the_command_line(tmp_path):
+    """`--set` reaches the ktinject side's rule file (and the JSON says what was set)."""
+    rules = tmp_path / "norms.yaml"
+    rules.write_text(
+        "extends: llama.yaml\n"
+        "vars: {norm_device: meta}\n"
+        "rules:\n"
+        "  - match: {class: LlamaRMSNorm}\n"
+        "    replace: {class: operators.norm.RMSNorm, device: '${norm_device}'}\n"
+    )
+    out = tmp_path / "bench.json"
+    args = parse(
+        "--shape", "tiny", "--device", "cpu", "--prompt-len", "4", "--long-context", "0",
+        "--new-tokens", "3", "--repeats", "1", "--rules", str(rules), "--set", "norm_device=cpu",
+        "--json", str(out),
+    )  # fmt: skip
+
+    assert run_bench(args) == 0
+    model = json.loads(out.read_text())["model"]
+    assert model["rule_overrides"] == {"norm_device": "cpu"} and model["replaced_modules"] > 0
+    with pytest.raises(KtinjectError, match="defines no variable 'nope'"):
+        run_bench(parse("--shape", "tiny", "--device", "cpu", "--set", "nope=1"))

@@ -33,6 +33,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="rule file for the ktinject side: path, shipped name, 'auto' (the model family's "
         "file) or 'none'",
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a variable of the rule file, e.g. --set format=q4_1 (repeatable)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
     parser.add_argument(
         "--dtype",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,31 @@ class Patched:
     report: InjectionReport | None  # None: no rule file, the model runs unpatched
 
 
+@dataclass(frozen=True)
+class RuleChoice:
+    """The ktinject side's rule file (`--rules`: a path, a shipped name, "auto" or None) and
+    values for its variables (`--set`)."""
+
+    spec: str | None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self, model_type: str) -> RuleChoice:
+        """ "auto" replaced by the model family's shipped file."""
+        return replace(self, spec=rules_for(model_type)) if self.spec == "auto" else self
+
+
 class RandomModels:
     """A named shape with seeded random weights (see `ktinject.bench.shapes`)."""
 
     def __init__(
-        self, shape: str, device: torch.device, dtype: torch.dtype, rules: str | None, seed: int
+        self, shape: str, device: torch.device, dtype: torch.dtype, rules: RuleChoice, seed: int
     ) -> None:
         from ktinject.bench.shapes import SHAPES, random_model
 
         self._baseline: nn.Module | None = random_model(shape, device, dtype, seed=seed)
         self.label = f"{shape} (random weights, {SHAPES[shape].note})"
         self.config = self._baseline.config
-        self.rules = rules_for(self.config.model_type) if rules == "auto" else rules
+        self.rules = rules.resolved(self.config.model_type)
 
     def baseline(self) -> nn.Module:
         return self._baseline
@@ -57,13 +70,13 @@ class LoadedModels:
     """A real model through `ktinject.loading.load` (a directory, a .gguf, or the embedded one)."""
 
     def __init__(
-        self, source: str | None, device: torch.device, dtype: torch.dtype, rules: str | None
+        self, source: str | None, device: torch.device, dtype: torch.dtype, rules: RuleChoice
     ) -> None:
         self.source, self.device, self.dtype = source, device, dtype
-        self._baseline: nn.Module | None = self._load(None).model
+        self._baseline: nn.Module | None = self._load(RuleChoice(None)).model
         self.config = self._baseline.config
         self.label = str(Path(source)) if source else "embedded SmolLM2-135M-Instruct"
-        self.rules = rules_for(self.config.model_type) if rules == "auto" else rules
+        self.rules = rules.resolved(self.config.model_type)
 
     def baseline(self) -> nn.Module:
         return self._baseline
@@ -75,20 +88,25 @@ class LoadedModels:
         loaded = self._load(self.rules)
         return Patched(loaded.model, loaded.report)
 
-    def _load(self, rules: str | Path | None) -> Any:
+    def _load(self, rules: RuleChoice) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # unmatched rules are listed in the report
             return load(
-                self.source, rules=rules, device=self.device, dtype=self.dtype, progress=False
+                self.source,
+                rules=rules.spec,
+                overrides=rules.overrides,
+                device=self.device,
+                dtype=self.dtype,
+                progress=False,
             )
 
 
-def _optimize(model: nn.Module, rules: str | Path | None) -> Patched:
-    if rules is None:
+def _optimize(model: nn.Module, rules: RuleChoice) -> Patched:
+    if rules.spec is None:
         return Patched(model, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unmatched rules are listed in the report
-        model, report = optimize(model, rules)
+        model, report = optimize(model, rules.spec, **rules.overrides)
     return Patched(model, report)
 
 

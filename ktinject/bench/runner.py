@@ -24,7 +24,7 @@ import torch
 
 from ktinject.bench import report
 from ktinject.bench.measure import MemoryProbe, Window, free_memory, machine
-from ktinject.bench.models import LoadedModels, Patched, RandomModels, weights_bytes
+from ktinject.bench.models import LoadedModels, Patched, RandomModels, RuleChoice, weights_bytes
 from ktinject.bench.systems import (
     BASELINES,
     HF_EAGER,
@@ -37,6 +37,7 @@ from ktinject.cache import local_cache_lens
 from ktinject.devices import check_device, default_device
 from ktinject.errors import KtinjectError
 from ktinject.loading import resolve_dtype
+from ktinject.rules import parse_override
 
 SEED = 0
 GPU_MARGIN = 4 << 30  # activations, workspaces and allocator slack beside a second copy
@@ -174,7 +175,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         model={
             "label": models.label,
             "model_type": models.config.model_type,
-            "rules": str(models.rules) if models.rules else None,
+            "rules": str(models.rules.spec) if models.rules.spec else None,
+            "rule_overrides": models.rules.overrides,
             "replaced_modules": len(injection.replacements) if injection else 0,
             "unmatched_rules": injection.unmatched if injection else [],
         },
@@ -222,12 +224,11 @@ def _measure_all(
 
 
 def _open_models(args: argparse.Namespace, settings: Settings) -> RandomModels | LoadedModels:
+    rules = RuleChoice(_rules(args.rules), dict(parse_override(item) for item in args.overrides))
     if args.model:
         source = None if args.model == "embedded" else args.model
-        return LoadedModels(source, settings.device, settings.dtype, _rules(args.rules))
-    return RandomModels(
-        args.shape or "smollm2-135m", settings.device, settings.dtype, _rules(args.rules), SEED
-    )
+        return LoadedModels(source, settings.device, settings.dtype, rules)
+    return RandomModels(args.shape or "smollm2-135m", settings.device, settings.dtype, rules, SEED)
 
 
 def _rules(value: str) -> str | None:
