@@ -45,6 +45,28 @@ SILU = ("SiLU", "SiLUActivation")  # torch's and transformers' SiLU modules: F.s
 BLOCK_PARTS = ("packed", "scales", "mins")  # buffers of one matrix in a block format
 
 
+def taken_experts(
+    operator: type, module: nn.Module, device: torch.device | None, kwargs: dict[str, Any]
+) -> tuple[nn.Parameter, nn.Parameter, nn.Module]:
+    """(gate_up_proj, down_proj, act_fn) of an HF fused experts module, weights taken onto
+    `device`, after `check_source`'s checks and a check of the 3-D layouts."""
+    check_source(operator, module, kwargs, ("gate_up_proj", "down_proj", "act_fn"))
+    gate_up, down = module.gate_up_proj, module.down_proj
+    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[1] != 2 * down.shape[2]:
+        raise TypeError(
+            f"{type(module).__name__} does not hold gate_up_proj [E, 2I, H] and "
+            f"down_proj [E, H, I] (got {tuple(gate_up.shape)} and {tuple(down.shape)})"
+        )
+    return take(gate_up, device), take(down, device), module.act_fn
+
+
+def select_blocks(
+    blocks: tuple[torch.Tensor | None, ...], index: int | torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
+    """(packed, scales, mins) of the experts at `index` (mins may be None: Q8_0)."""
+    return tuple(None if t is None else t[index] for t in blocks)
+
+
 def graph_safe(tensor: torch.Tensor) -> bool:
     """Whether a call must not read device values on the host: off the CPU (the decode step may
     be captured in a CUDA graph) and inside torch.compile (one graph). A CPU eager call may."""
@@ -76,14 +98,7 @@ class GatheredExperts(Operator):
         device: torch.device | None,
         **kwargs: Any,
     ) -> Self:
-        check_source(cls, module, kwargs, ("gate_up_proj", "down_proj", "act_fn"))
-        gate_up, down = module.gate_up_proj, module.down_proj
-        if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[1] != 2 * down.shape[2]:
-            raise TypeError(
-                f"{type(module).__name__} does not hold gate_up_proj [E, 2I, H] and "
-                f"down_proj [E, H, I] (got {tuple(gate_up.shape)} and {tuple(down.shape)})"
-            )
-        return cls(take(gate_up, device), take(down, device), module.act_fn)
+        return cls(*taken_experts(cls, module, device, kwargs))
 
     def forward(
         self,
@@ -170,7 +185,7 @@ class CPUExperts(GatheredExperts):
 
     `format` (rule kwarg, `q4_1` or `q8_0`; default none: the checkpoint's dtype): keep each
     expert's matrices in that GGUF block format (`operators.linear`), 3.2x (Q4_1) / 1.9x (Q8_0)
-    fewer bytes than bf16, read by one compiled pass per token and expert. Lossless for
+    fewer bytes than bf16, a decode token's experts read in one compiled call. Lossless for
     weights that came from a GGUF file of that format, llama.cpp's quantization otherwise.
     Hidden and intermediate sizes must be multiples of 32."""
 
@@ -217,13 +232,14 @@ class CPUExperts(GatheredExperts):
         fmt = None if format is None else FORMATS.get(str(format).lower())
         if format is not None and fmt is None:
             raise TypeError(f"format {format!r} is not one of {sorted(FORMATS)} or null")
-        dense = super().from_module(module, name=name, config=config, device=device, **kwargs)
-        if fmt is not None and (dense.hidden_dim % BLOCK or dense.intermediate_dim % BLOCK):
+        gate_up, down, act_fn = taken_experts(cls, module, device, kwargs)
+        hidden, intermediate = gate_up.shape[2], down.shape[2]
+        if fmt is not None and (hidden % BLOCK or intermediate % BLOCK):
             raise TypeError(
                 f"format {fmt.name} needs hidden and intermediate sizes that are multiples of "
-                f"{BLOCK}, got {dense.hidden_dim} and {dense.intermediate_dim}; use format: null"
+                f"{BLOCK}, got {hidden} and {intermediate}; use format: null"
             )
-        return cls(dense.gate_up_proj, dense.down_proj, dense.act_fn, threads, fmt)
+        return cls(gate_up, down, act_fn, threads, fmt)
 
     def forward(
         self,
@@ -276,12 +292,7 @@ class CPUExperts(GatheredExperts):
     def _expert_mlp(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         if self.fmt is None:
             return super()._expert_mlp(expert, x)
-        gate_up, down = (self._blocks(name, expert) for name in PROJECTIONS)
-        if x.shape[0] == 1 and type(self.act_fn).__name__ in SILU:
-            # decode: both products and the activation in one compiled call, shared by all
-            # layers (the activation is not an argument: a module would be guarded by identity)
-            shape = (*gate_up[0].shape, *down[0].shape, self.fmt.name, x.dtype)
-            return kernel(block_silu_expert, shape)(x, gate_up, down, self.fmt)
+        gate_up, down = (select_blocks(self._blocks(name), expert) for name in PROJECTIONS)
         gate, up = block_linear(x, gate_up, self.fmt, x.dtype).chunk(2, dim=-1)
         return block_linear(self.act_fn(gate) * up, down, self.fmt, x.dtype)
 
@@ -294,12 +305,9 @@ class CPUExperts(GatheredExperts):
         shape = (*gate_up[0].shape, *down[0].shape, self.fmt.name, dtype, top_k)
         return kernel(gathered_block_experts, shape), (gate_up, down, self.fmt)
 
-    def _blocks(self, name: str, expert: int | None = None) -> tuple[torch.Tensor | None, ...]:
-        """(packed, scales, mins) of the `name` matrices of all experts, or of one."""
-        parts = [getattr(self, f"{name}_{part}") for part in BLOCK_PARTS]
-        if expert is None:
-            return tuple(parts)
-        return tuple(None if t is None else t[expert] for t in parts)
+    def _blocks(self, name: str) -> tuple[torch.Tensor | None, ...]:
+        """(packed, scales, mins) of the `name` matrices of all experts."""
+        return tuple(getattr(self, f"{name}_{part}") for part in BLOCK_PARTS)
 
     def extra_repr(self) -> str:
         threads = f", threads={self.threads}" if self.threads is not None else ""
@@ -335,26 +343,11 @@ def gathered_block_experts(
     """One token [1, H] through its k SiLU experts held as blocks ([E, N, K/32, w] each),
     `gathered_experts` for block formats: compiled, the blocks of the k experts are read in
     place, all in one call."""
-    experts = index[0]
-    gate_up = tuple(None if t is None else t[experts] for t in gate_up)
-    down = tuple(None if t is None else t[experts] for t in down)
+    gate_up, down = select_blocks(gate_up, index[0]), select_blocks(down, index[0])
     gate, up = block_gemv(hidden.float(), *gate_up, fmt).to(hidden.dtype).chunk(2, dim=-1)
     inner = F.silu(gate) * up  # [k, I]
     out = block_gemv(inner.float(), *down, fmt).to(hidden.dtype)  # [k, H]
     return (out * weights[0][:, None]).sum(0, keepdim=True).to(hidden.dtype)
-
-
-def block_silu_expert(
-    x: torch.Tensor,
-    gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    fmt: BlockFormat,
-) -> torch.Tensor:
-    """One token [1, H] through one SiLU expert held as blocks, rounded where the unfused path
-    (`block_linear` twice) rounds: compiled as one kernel call instead of two."""
-    gate, up = block_gemv(x.float(), *gate_up, fmt).to(x.dtype).chunk(2, dim=-1)
-    inner = F.silu(gate) * up
-    return block_gemv(inner.float(), *down, fmt).to(x.dtype)
 
 
 @contextlib.contextmanager

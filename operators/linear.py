@@ -301,7 +301,7 @@ class BlockQuantLinear(Operator):
         return self.packed.device
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize(self.packed, self.scales, self.mins, self.fmt).to(self.compute_dtype)
+        return dequantize_as(self.packed, self.scales, self.mins, self.fmt, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = block_linear(x, (self.packed, self.scales, self.mins), self.fmt, self.compute_dtype)
