@@ -19,14 +19,9 @@ from ktinject.errors import KtinjectError
 EXIT_USAGE = 2
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags every command that loads a model shares."""
-    parser.add_argument(
-        "--rules",
-        default="auto",
-        help="rule file path or shipped name (llama, qwen3-moe, ...); 'auto' picks the model "
-        "family's file, 'none' runs the model unpatched (default: auto)",
-    )
+def add_rule_arguments(parser: argparse.ArgumentParser, rules_help: str) -> None:
+    """`--rules` and `--set`, read back by `rules_arg` and `overrides_arg` (`bench` too)."""
+    parser.add_argument("--rules", default="auto", help=rules_help)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -34,6 +29,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a rule-file variable, e.g. --set gpu=cuda:1 (repeatable)",
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every command that loads a model shares."""
+    add_rule_arguments(
+        parser,
+        "rule file path or shipped name (llama, qwen3-moe, ...); 'auto' picks the model "
+        "family's file, 'none' runs the model unpatched (default: auto)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
     parser.add_argument(
@@ -54,12 +58,17 @@ def rules_arg(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
-def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def overrides_arg(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` flags as the rule-variable overrides `optimize` / `load` take."""
     from ktinject.rules import parse_override
 
+    return dict(parse_override(item) for item in items)
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "rules": rules_arg(args.rules),
-        "overrides": dict(parse_override(item) for item in args.overrides),
+        "overrides": overrides_arg(args.overrides),
         "device": args.device,
         "dtype": args.dtype,
         "strict": args.strict,

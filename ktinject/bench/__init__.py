@@ -4,12 +4,15 @@ Measures prefill and decode throughput at a short and a long context, time to fi
 first call (warm-up, compilation, graph capture), peak memory and whether the greedy tokens equal
 Hugging Face's; prints a table with ratios and writes JSON. See benchmarks/README.md.
 
-Only argparse is imported here: the CLI builds every sub-command's parser at start-up.
+Only argparse and the CLI's flag helpers are imported here: the CLI builds every sub-command's
+parser at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from ktinject.cli import add_rule_arguments
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,19 +30,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH|embedded",
         help="a real model: Hugging Face directory, .gguf file, or 'embedded' (SmolLM2-135M)",
     )
-    parser.add_argument(
-        "--rules",
-        default="auto",
-        help="rule file for the ktinject side: path, shipped name, 'auto' (the model family's "
+    add_rule_arguments(
+        parser,
+        "rule file for the ktinject side: path, shipped name, 'auto' (the model family's "
         "file) or 'none'",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a variable of the rule file, e.g. --set format=q4_1 (repeatable)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if any)")
     parser.add_argument(

@@ -34,10 +34,10 @@ from ktinject.bench.systems import (
     Sample,
 )
 from ktinject.cache import local_cache_lens
+from ktinject.cli import overrides_arg, rules_arg
 from ktinject.devices import check_device, default_device
 from ktinject.errors import KtinjectError
 from ktinject.loading import resolve_dtype
-from ktinject.rules import parse_override
 
 SEED = 0
 GPU_MARGIN = 4 << 30  # activations, workspaces and allocator slack beside a second copy
@@ -224,15 +224,11 @@ def _measure_all(
 
 
 def _open_models(args: argparse.Namespace, settings: Settings) -> RandomModels | LoadedModels:
-    rules = RuleChoice(_rules(args.rules), dict(parse_override(item) for item in args.overrides))
+    rules = RuleChoice(rules_arg(args.rules), overrides_arg(args.overrides))
     if args.model:
         source = None if args.model == "embedded" else args.model
         return LoadedModels(source, settings.device, settings.dtype, rules)
     return RandomModels(args.shape or "smollm2-135m", settings.device, settings.dtype, rules, SEED)
-
-
-def _rules(value: str) -> str | None:
-    return None if value.lower() == "none" else value
 
 
 def _prompts(settings: Settings, vocab: int) -> dict[str, torch.Tensor]:

@@ -173,17 +173,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from ktinject.cli import rules_arg
+    from ktinject.cli import overrides_arg, rules_arg
     from ktinject.engine import Engine
     from ktinject.loading import load
-    from ktinject.rules import parse_override
     from ktinject.server.app import create_app
     from ktinject.server.config import ServeConfig
 
     loaded = load(
         options.model,
         rules=rules_arg(options.rules),
-        overrides=dict(parse_override(item) for item in options.set),
+        overrides=overrides_arg(options.set),
         device=options.device,
         dtype=options.dtype,
     )
