@@ -254,100 +254,6 @@ if triton is not None:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
     @triton.jit
-    def _rotate_new_token(
-        q_ptr,
-        k_new_ptr,
-        v_new_ptr,
-        cos_ptr,
-        sin_ptr,
-        q_norm_ptr,
-        k_norm_ptr,
-        eps,
-        k_base,
-        v_base,
-        b,
-        kvh,
-        heads,
-        g_mask,
-        offs_d,
-        d_mask,
-        owner,
-        new_pos,
-        stride_qb,
-        stride_qh,
-        stride_knb,
-        stride_knh,
-        stride_vnb,
-        stride_vnh,
-        stride_cb,
-        stride_sb,
-        stride_kl,
-        stride_kd,
-        stride_vl,
-        stride_vd,
-        HALF: tl.constexpr,
-        BLOCK_HALF: tl.constexpr,
-        NORM: tl.constexpr,
-    ):
-        # The query heads of kv head `kvh`, rotated (after their per-head norm with NORM), as
-        # two halves [BLOCK_G, BLOCK_HALF] in the cache dtype. The split that holds the new
-        # position (`owner`) also rotates the new key and writes it and the new value there,
-        # then syncs its threads so that its loads below see them (no other split reads it).
-        offs_h = tl.arange(0, BLOCK_HALF)
-        h_mask = offs_h < HALF
-        cos_row = cos_ptr + b.to(tl.int64) * stride_cb + offs_h
-        sin_row = sin_ptr + b.to(tl.int64) * stride_sb + offs_h
-        c1 = tl.load(cos_row, mask=h_mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_row + HALF, mask=h_mask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_row, mask=h_mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_row + HALF, mask=h_mask, other=0.0).to(tl.float32)
-        cache_dtype = k_base.dtype.element_ty
-        q1, q2 = _rope_values(
-            q_ptr + b.to(tl.int64) * stride_qb,
-            heads,
-            g_mask,
-            offs_h,
-            h_mask,
-            c1,
-            c2,
-            s1,
-            s2,
-            stride_qh,
-            q_norm_ptr,
-            eps,
-            q_ptr.dtype.element_ty,
-            HALF,
-            NORM,
-        )
-        if owner:
-            head = tl.zeros([1], tl.int32)
-            k1, k2 = _rope_values(
-                k_new_ptr + b.to(tl.int64) * stride_knb + kvh.to(tl.int64) * stride_knh,
-                head,
-                head == 0,
-                offs_h,
-                h_mask,
-                c1,
-                c2,
-                s1,
-                s2,
-                0,
-                k_norm_ptr,
-                eps,
-                cache_dtype,
-                HALF,
-                NORM,
-            )
-            k_dst = k_base + new_pos * stride_kl + offs_h[None, :] * stride_kd
-            tl.store(k_dst, k1, mask=h_mask[None, :])
-            tl.store(k_dst + HALF * stride_kd, k2, mask=h_mask[None, :])
-            v_src = v_new_ptr + b.to(tl.int64) * stride_vnb + kvh.to(tl.int64) * stride_vnh
-            value = tl.load(v_src + offs_d, mask=d_mask)
-            tl.store(v_base + new_pos * stride_vl + offs_d * stride_vd, value, mask=d_mask)
-            tl.debug_barrier()
-        return q1.to(cache_dtype), q2.to(cache_dtype)
-
-    @triton.jit
     def _decode_split_kernel(
         q_ptr,
         k_ptr,
@@ -436,41 +342,36 @@ if triton is not None:
             if ROPE:  # q and the new k/v arrive unrotated; q kept as two halves
                 offs_h = tl.arange(0, BLOCK_HALF)
                 h_mask = offs_h < HALF
-                q1, q2 = _rotate_new_token(
-                    q_ptr,
-                    k_new_ptr,
-                    v_new_ptr,
-                    cos_ptr,
-                    sin_ptr,
-                    q_norm_ptr,
-                    k_norm_ptr,
-                    eps,
-                    k_base,
-                    v_base,
-                    b,
-                    kvh,
-                    heads,
-                    g_mask,
-                    offs_d,
-                    d_mask,
-                    split == (seq_len - 1) // SPLIT_LEN,
-                    (seq_len - 1).to(tl.int64),
-                    stride_qb,
-                    stride_qh,
-                    stride_knb,
-                    stride_knh,
-                    stride_vnb,
-                    stride_vnh,
-                    stride_cb,
-                    stride_sb,
-                    stride_kl,
-                    stride_kd,
-                    stride_vl,
-                    stride_vd,
-                    HALF,
-                    BLOCK_HALF,
-                    NORM,
-                )
+                cos_row = cos_ptr + b.to(tl.int64) * stride_cb + offs_h
+                sin_row = sin_ptr + b.to(tl.int64) * stride_sb + offs_h
+                c1 = tl.load(cos_row, mask=h_mask, other=0.0).to(tl.float32)
+                c2 = tl.load(cos_row + HALF, mask=h_mask, other=0.0).to(tl.float32)
+                s1 = tl.load(sin_row, mask=h_mask, other=0.0).to(tl.float32)
+                s2 = tl.load(sin_row + HALF, mask=h_mask, other=0.0).to(tl.float32)
+                q_row = q_ptr + b.to(tl.int64) * stride_qb
+                q1, q2 = _rope_values(
+                    q_row, heads, g_mask, offs_h, h_mask, c1, c2, s1, s2, stride_qh,
+                    q_norm_ptr, eps, q_ptr.dtype.element_ty, HALF, NORM,
+                )  # fmt: skip
+                q1, q2 = q1.to(k_ptr.dtype.element_ty), q2.to(k_ptr.dtype.element_ty)
+                if split == (seq_len - 1) // SPLIT_LEN:
+                    # this split holds the new position: rotate the new key, write it and the
+                    # new value there, and sync the threads before the loop reads it (no other
+                    # split reads that position)
+                    new_pos = (seq_len - 1).to(tl.int64)
+                    head = tl.zeros([1], tl.int32)
+                    k_row = k_new_ptr + b.to(tl.int64) * stride_knb + kvh.to(tl.int64) * stride_knh
+                    k1, k2 = _rope_values(
+                        k_row, head, head == 0, offs_h, h_mask, c1, c2, s1, s2, 0,
+                        k_norm_ptr, eps, k_ptr.dtype.element_ty, HALF, NORM,
+                    )  # fmt: skip
+                    k_dst = k_base + new_pos * stride_kl + offs_h[None, :] * stride_kd
+                    tl.store(k_dst, k1, mask=h_mask[None, :])
+                    tl.store(k_dst + HALF * stride_kd, k2, mask=h_mask[None, :])
+                    v_row = v_new_ptr + b.to(tl.int64) * stride_vnb + kvh.to(tl.int64) * stride_vnh
+                    value = tl.load(v_row + offs_d, mask=d_mask)
+                    tl.store(v_base + new_pos * stride_vl + offs_d * stride_vd, value, mask=d_mask)
+                    tl.debug_barrier()
             else:
                 q_ptrs = (
                     q_ptr
