@@ -52,7 +52,8 @@ fi
 COMMON=(--device cuda --dtype bfloat16 --prompt-len 128)
 
 step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    tests/test_triton_fused.py tests/test_triton_decode_attention.py tests/test_triton_gemv.py
+    tests/test_triton_fused.py tests/test_triton_decode_attention.py tests/test_triton_gemv.py \
+    tests/test_triton_experts.py tests/test_operators.py::test_experts_read_in_place_in_a_capture_match_hf
 
 step smollm2-135m 150 "${BENCH[@]}" --shape smollm2-135m "${COMMON[@]}" --long-context 4096 \
     --new-tokens 128 --repeats 2 --baselines eager,static-compile --json "$OUT/smollm2-135m.json"

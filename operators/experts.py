@@ -7,9 +7,12 @@ that, nor can torch.compile trace it as one graph, so MoE models decoded eagerly
 
 `GatheredExperts` computes a few tokens (decode) on a GPU or inside torch.compile by indexing the
 weights of each token's top-k experts on the device: the shapes depend on nothing but the batch,
-and no value crosses to the host. Elsewhere (many tokens, or eager on a CPU, where a host read
-costs nothing) it takes a grouped per-expert loop that reads the weights in place: the gathered
-copies of k expert matrices per token cost a CPU 6-7x HF's decode time (measured below).
+and no value crosses to the host. In the decode graph with fused projections (see
+`operators.layer`) a GPU reads the selected experts' weights in place
+(`operators.triton.experts`); otherwise torch copies them first. Elsewhere (many tokens outside
+a capture, or eager on a CPU, where a host read costs nothing) it takes a grouped per-expert
+loop that reads the weights in place: the gathered copies of k expert matrices per token cost a
+CPU 6-7x HF's decode time (measured below).
 
 `CPUExperts` keeps the experts in CPU memory and computes them there (KTransformers' placement
 for MoE models whose experts outgrow the GPU: Qwen3-30B-A3B's experts are 29 of its 30B
@@ -38,6 +41,9 @@ from operators.linear import (
     kernel,
     quantize_blocks,
 )
+from operators.triton.experts import gathered_experts, gathered_experts_reference
+from operators.triton.fused import use_triton
+from operators.triton.gemv import fused_gemv_preferred
 
 GATHER_ROWS = 8  # at most this many tokens take the gathered (graph-safe) path
 PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -68,9 +74,17 @@ def select_blocks(
 
 
 def graph_safe(tensor: torch.Tensor) -> bool:
-    """Whether a call must not read device values on the host: off the CPU (the decode step may
-    be captured in a CUDA graph) and inside torch.compile (one graph). A CPU eager call may."""
+    """Whether a call should not read device values on the host: off the CPU (the decode step
+    may be captured in a CUDA graph, and a read stalls the GPU) and inside torch.compile (one
+    graph). A CPU eager call may."""
     return tensor.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+def host_reads_forbidden(tensor: torch.Tensor) -> bool:
+    """Whether a host read would fail here: inside torch.compile's graph or a CUDA-graph capture
+    (the server captures decode steps of more rows than `GATHER_ROWS`)."""
+    capturing = tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+    return capturing or torch.compiler.is_compiling()
 
 
 class GatheredExperts(Operator):
@@ -106,19 +120,23 @@ class GatheredExperts(Operator):
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
-        rows = hidden_states.shape[0]
-        if rows <= GATHER_ROWS and graph_safe(hidden_states):
+        few = hidden_states.shape[0] <= GATHER_ROWS
+        if graph_safe(hidden_states) and (few or host_reads_forbidden(hidden_states)):
             return self._gathered(hidden_states, top_k_index, top_k_weights)
-        if rows <= GATHER_ROWS:
+        if few:
             return self._token_by_token(hidden_states, top_k_index, top_k_weights)
         return self._grouped(hidden_states, top_k_index, top_k_weights)
 
     def _gathered(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        return gathered_experts(
-            hidden, index, weights, self.gate_up_proj, self.down_proj, self.act_fn
-        )
+        """Graph-safe: in place in the fused decode step on a GPU (the engine keeps that step
+        only if it agrees with the plain one), else through torch's gathered copies."""
+        experts = (self.gate_up_proj, self.down_proj)
+        silu_in_dtype = type(self.act_fn).__name__ in SILU and experts[0].dtype == hidden.dtype
+        if silu_in_dtype and fused_gemv_preferred() and use_triton(hidden):
+            return gathered_experts(hidden, index, weights, *experts)
+        return gathered_experts_reference(hidden, index, weights, *experts, self.act_fn)
 
     def _token_by_token(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
@@ -142,7 +160,7 @@ class GatheredExperts(Operator):
     ) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]]:
         """The compiled one-token function and the expert operands it takes after the token."""
         shape = (*self.gate_up_proj.shape, *self.down_proj.shape, dtype, top_k)
-        return kernel(gathered_experts, shape), (self.gate_up_proj, self.down_proj)
+        return kernel(gathered_experts_reference, shape), (self.gate_up_proj, self.down_proj)
 
     def _grouped(
         self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
@@ -315,23 +333,6 @@ class CPUExperts(GatheredExperts):
         return super().extra_repr() + threads + fmt
 
 
-def gathered_experts(
-    hidden: torch.Tensor,
-    index: torch.Tensor,
-    weights: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor] = F.silu,
-) -> torch.Tensor:
-    """Each token through its own k experts, as batched matrix-vector products over the weights
-    of those experts gathered by `index` (no value read on the host)."""
-    gate_up = gate_up_proj[index] @ hidden[:, None, :, None]  # [T, k, 2I, 1]
-    gate, up = gate_up[..., 0].chunk(2, dim=-1)
-    inner = act_fn(gate) * up  # [T, k, I]
-    out = (down_proj[index] @ inner[..., None])[..., 0]  # [T, k, H]
-    return (out * weights[..., None]).sum(1).to(hidden.dtype)
-
-
 def gathered_block_experts(
     hidden: torch.Tensor,
     index: torch.Tensor,
@@ -341,8 +342,8 @@ def gathered_block_experts(
     fmt: BlockFormat,
 ) -> torch.Tensor:
     """One token [1, H] through its k SiLU experts held as blocks ([E, N, K/32, w] each),
-    `gathered_experts` for block formats: compiled, the blocks of the k experts are read in
-    place, all in one call."""
+    `gathered_experts_reference` for block formats: compiled, the blocks of the k experts are
+    read in place, all in one call."""
     gate_up, down = select_blocks(gate_up, index[0]), select_blocks(down, index[0])
     gate, up = block_gemv(hidden.float(), *gate_up, fmt).to(hidden.dtype).chunk(2, dim=-1)
     inner = F.silu(gate) * up  # [k, I]

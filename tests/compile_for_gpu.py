@@ -81,8 +81,18 @@ def allow_cpu_tensors() -> None:
 
 def launch_everything(dtype: torch.dtype) -> None:
     """Every entry point at the tests' tiny shapes and at SmolLM2-135M and Llama-3-8B decode
-    shapes (1 and 8 rows)."""
-    from operators.triton import decode_attention, fused, gemv
+    shapes (1 and 8 rows); MoE experts at tiny and Qwen3-30B-A3B shapes (1, 8 and 16 rows)."""
+    from operators.triton import decode_attention, experts, fused, gemv
+
+    for count, hidden, inter, top_k in ((4, 64, 32, 2), (128, 2048, 768, 8)):
+        gate_up = torch.empty(count, 2 * inter, hidden, dtype=dtype)
+        down = torch.empty(count, hidden, inter, dtype=dtype)
+        for rows in (1, 8, 16):
+            index = torch.zeros(rows, top_k, dtype=torch.long)
+            for weights_dtype in {dtype, torch.float32}:
+                weights = torch.empty(rows, top_k, dtype=weights_dtype)
+                x = torch.empty(rows, hidden, dtype=dtype)
+                experts.gathered_experts(x, index, weights, gate_up, down)
 
     shapes = ((64, 128, 4, 2, 16), (576, 1536, 9, 3, 64), (4096, 14336, 32, 8, 128))
     for hidden, inter, heads, kv_heads, dim in shapes:

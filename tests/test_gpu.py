@@ -87,19 +87,25 @@ def test_both_captured_decode_paths_give_hf_tokens(arch: str, fused: bool) -> No
     assert engine.fused_gemv_choice == {1: fused}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral", "deepseek_v3"])
-def test_batched_graph_decode_equals_single_sequences(arch: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "rows"),
+    [("llama", 3), ("qwen3", 3), ("mixtral", 3), ("deepseek_v3", 3), ("qwen3_moe", 10)],
+)
+def test_batched_graph_decode_equals_single_sequences(arch: str, rows: int) -> None:
+    """10 rows: more than the experts gather outside a capture (GATHER_ROWS), as a server with
+    --max-batch-size 10 captures them."""
     _, patched = models(arch)
     prompts = [PROMPT, [2, 4, 6, 8], [3, 1, 4, 1, 5, 9, 2, 6]]
+    prompts += [[row + 1, 2 * row + 3, 7] for row in range(rows - 3)]
     expected = [greedy(Engine(patched, cuda_graph=False), p, 12) for p in prompts]
-    engine = Engine(patched, cache_lens=64, num_slots=3)
+    engine = Engine(patched, cache_lens=64, num_slots=rows)
     tokens = [[int(engine.prefill(slot, p)[0].argmax())] for slot, p in enumerate(prompts)]
     for _ in range(11):
-        step = engine.decode([0, 1, 2], [t[-1] for t in tokens])
-        for row in range(3):
+        step = engine.decode(list(range(rows)), [t[-1] for t in tokens])
+        for row in range(rows):
             tokens[row].append(int(step[row].argmax()))
     assert tokens == expected
-    assert 3 in engine.graphs
+    assert rows in engine.graphs
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gemv"])

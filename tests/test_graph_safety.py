@@ -12,6 +12,7 @@ This catches on a CPU machine what would otherwise only fail on a GPU.
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ import operators.norm
 from ktinject import optimize
 from ktinject.engine import DecodeStep, Engine, graph_blocker
 from ktinject.loading import rules_for
+from operators.experts import GatheredExperts
 from operators.layer import FusedResidualDecoderLayer
 from operators.mlp import FusedGatedMLP
 from operators.triton.gemv import prefer_fused_gemv
@@ -53,7 +55,13 @@ class NoHostSync(TorchDispatchMode):
 
 @pytest.fixture
 def gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    for module in (operators.attention, operators.layer, operators.mlp, operators.norm):
+    for module in (
+        operators.attention,
+        operators.experts,
+        operators.layer,
+        operators.mlp,
+        operators.norm,
+    ):
         monkeypatch.setattr(module, "use_triton", lambda tensor: True)
     monkeypatch.setattr(operators.experts, "graph_safe", lambda tensor: True)
 
@@ -65,7 +73,8 @@ def test_graph_step_is_sync_free_and_matches_eager_decode(
 ) -> None:
     """Every shipped rule file, MoE ones included (their experts are GatheredExperts; HF's own
     experts the engine never captures, below); `fused`: the step the engine captures second,
-    with norms, SiLU and residual adds inside the projections (operators/triton/gemv.py)."""
+    with norms, SiLU and residual adds inside the projections (operators/triton/gemv.py) and
+    the experts' weights read in place (operators/triton/experts.py)."""
     model, _ = optimize(tiny_model(arch), rules_for(arch), strict=True)
     # 160 positions: decode attention runs 3 splits of 64 (slot 0 fills two of them), merged by
     # the last split to finish (the cache's split counters)
@@ -76,10 +85,10 @@ def test_graph_step_is_sync_free_and_matches_eager_decode(
     eager = copy.deepcopy(engine.cache)
     slots, tokens = [1, 0], [7, 3]
     positions = [len(prompts[s]) for s in slots]
-    folded = {"norm_linear": 0, "silu_linear": 0}
+    folded = {"norm_linear": 0, "silu_linear": 0, "gathered_experts": 0}
     for name in folded:
-        kernel = getattr(operators.layer, name)
-        monkeypatch.setattr(operators.layer, name, counted(kernel, folded, name))
+        module = operators.experts if name == "gathered_experts" else operators.layer
+        monkeypatch.setattr(module, name, counted(getattr(module, name), folded, name))
 
     step = DecodeStep(engine, batch=2)
     step.load(slots, tokens, positions)
@@ -88,9 +97,10 @@ def test_graph_step_is_sync_free_and_matches_eager_decode(
     layers = [m for m in model.modules() if isinstance(m, FusedResidualDecoderLayer)]
     attention = sum(hasattr(layer.self_attn, "attend") for layer in layers)  # not MLA
     dense = sum(isinstance(layer.mlp, FusedGatedMLP) for layer in layers)  # not MoE
+    moe = sum(isinstance(m, GatheredExperts) for m in model.modules())  # experts read in place
     assert attention + dense > 0
-    expected = {"norm_linear": attention + dense, "silu_linear": dense} if fused else {}
-    assert folded == {"norm_linear": 0, "silu_linear": 0} | expected
+    expected = {"norm_linear": attention + dense, "silu_linear": dense, "gathered_experts": moe}
+    assert folded == (expected if fused else dict.fromkeys(folded, 0))
 
     assert not any(c.any() for c in engine.cache.split_counters.values())
     monkeypatch.undo()  # the CPU path (torch references) is the oracle
@@ -102,6 +112,33 @@ def test_graph_step_is_sync_free_and_matches_eager_decode(
         step_k, step_v = step.context.cache.kv[layer]
         torch.testing.assert_close(step_k[slots, :, positions], written[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(step_v[slots, :, positions], written[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gemv"])
+def test_capture_of_more_rows_than_gathered_decode_takes_is_sync_free(
+    fused: bool, gpu_paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server captures a decode step per batch size up to --max-batch-size. Past
+    GATHER_ROWS rows an eager GPU step groups tokens by expert on the host; inside a capture the
+    experts must still be gathered on the device (a host read there fails the capture)."""
+    monkeypatch.setattr(operators.experts, "host_reads_forbidden", lambda tensor: True)
+    model, _ = optimize(tiny_model("qwen3_moe"), rules_for("qwen3_moe"), strict=True)
+    rows = operators.experts.GATHER_ROWS + 2
+    engine = Engine(model, cache_lens=16, num_slots=rows)
+    for slot in range(rows):
+        engine.prefill(slot, [slot + 1, 2, 3])
+    eager = copy.deepcopy(engine.cache)
+    step = DecodeStep(engine, batch=rows)
+    step.load(list(range(rows)), [5] * rows, [3] * rows)
+    # the grouped loop's `tolist()` of a CPU tensor bypasses the dispatcher NoHostSync watches
+    grouped = AssertionError("the experts read the routing on the host")
+    monkeypatch.setattr(GatheredExperts, "_grouped", mock.Mock(side_effect=grouped))
+    with NoHostSync(), prefer_fused_gemv(fused):
+        logits = step()
+    monkeypatch.undo()
+    engine.cache = eager
+    expected = engine.decode(list(range(rows)), [5] * rows)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def counted(function, counts: dict[str, int], name: str):

@@ -21,6 +21,7 @@ from operators.experts import GATHER_ROWS, GatheredExperts
 from operators.mlp import FusedGatedMLP
 from operators.norm import RMSNorm
 from operators.rope import RotaryTable
+from operators.triton.gemv import prefer_fused_gemv
 
 
 def build(cls, module: torch.nn.Module, model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -124,6 +125,46 @@ def test_gathered_experts_match_hf(
         actual = operator(hidden, index, weights)
     assert_matches_oracle(actual, original(hidden, index, weights))
     assert spy.call_count == int(graph_safe and tokens <= GATHER_ROWS)
+
+
+GPU_BF16 = pytest.param(
+    torch.bfloat16,
+    marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs a GPU: the interpreter's bf16 casts truncate (tests/test_triton_experts.py "
+        "checks interpreted bf16 against the torch reference at that tolerance)",
+    ),
+)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3"])
+@pytest.mark.parametrize("tokens", [1, 3 * GATHER_ROWS])
+@pytest.mark.parametrize("dtype", [torch.float32, GPU_BF16])
+def test_experts_read_in_place_in_a_capture_match_hf(
+    arch: str, tokens: int, dtype: torch.dtype, monkeypatch
+) -> None:
+    """Inside a capture (any number of tokens: the server captures up to --max-batch-size rows)
+    the fused decode step's experts run the in-place Triton kernels; vs HF's."""
+    import operators.experts
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("use_triton", "graph_safe", "host_reads_forbidden"):
+        monkeypatch.setattr(operators.experts, name, lambda tensor: True)
+    in_place = mock.patch.object(
+        operators.experts, "gathered_experts", side_effect=operators.experts.gathered_experts
+    )
+    model = tiny_model(arch, dtype=dtype).to(device)
+    layer = 1 if arch == "deepseek_v3" else 0  # DeepSeek's layer 0 is dense
+    original = model.model.layers[layer].mlp.experts
+    operator = build(GatheredExperts, original, model, f"model.layers.{layer}.mlp.experts")
+    experts = original.gate_up_proj.shape[0]
+    hidden = torch.randn(tokens, model.config.hidden_size, dtype=dtype, device=device)
+    index = torch.stack([torch.randperm(experts)[:2] for _ in range(tokens)]).to(device)
+    weights = torch.rand(tokens, 2, device=device).softmax(-1).to(dtype)
+    with in_place as spy, prefer_fused_gemv(True):
+        actual = operator(hidden, index, weights)
+    assert_matches_oracle(actual, original(hidden, index, weights))
+    assert spy.call_count == 1
 
 
 ROPES = {

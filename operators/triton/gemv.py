@@ -321,11 +321,20 @@ def _tiles(
     if rows > 1:
         depth = 64 if dtype == torch.float32 else 256
         return 16, 16, max(16, min(depth, _next_pow2(k)))
+    return 1, *single_row_tile(1, n, k, device)
+
+
+def single_row_tile(
+    groups: int, n: int, k: int, device: torch.device, elements: int = TILE_ELEMENTS
+) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of a batch-1 product of `groups` independent [n, k] matrices: output
+    rows per program shrink from 16 until there are two programs per SM, each step loading
+    `elements` weights (K strides long, so latency-bound small products need few steps)."""
     programs = 2 * _sm_count(device)
     block_n = 16
-    while block_n > 1 and triton.cdiv(n, block_n) < programs:
+    while block_n > 1 and groups * triton.cdiv(n, block_n) < programs:
         block_n //= 2
-    return 1, block_n, max(16, min(TILE_ELEMENTS // block_n, _next_pow2(k)))
+    return block_n, max(16, min(elements // block_n, _next_pow2(k)))
 
 
 @functools.cache
