@@ -15,9 +15,10 @@ context they fall back to Hugging Face's own cache, so `optimize()`d models stil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -113,6 +114,22 @@ class AttentionContext:
     prefill_slot: int = 0
     max_len: int | None = None
     host_rows: list[tuple[int, int]] | None = None
+    copies: dict[torch.device, AttentionContext] = field(default_factory=dict, repr=False)
+
+    def on(self, device: torch.device) -> AttentionContext:
+        """This context with its tensors on `device`, for layers a rule placed on another device
+        than the embedding's (copied once per forward and device; itself where they are)."""
+        if self.positions.device == device:
+            return self
+        if device not in self.copies:
+            self.copies[device] = dataclasses.replace(
+                self,
+                slots=self.slots.to(device),
+                positions=self.positions.to(device),
+                seq_lens=self.seq_lens.to(device),
+                copies={},
+            )
+        return self.copies[device]
 
 
 _LOCAL = threading.local()  # one stack per thread: two engines on two threads never mix
@@ -124,9 +141,13 @@ def _stack() -> list[AttentionContext]:
     return _LOCAL.stack
 
 
-def current_context() -> AttentionContext | None:
+def current_context(device: torch.device | None = None) -> AttentionContext | None:
+    """The context of the forward in progress (None outside the engine), with its tensors on
+    `device` when one is given."""
     stack = _stack()
-    return stack[-1] if stack else None
+    if not stack:
+        return None
+    return stack[-1] if device is None else stack[-1].on(device)
 
 
 @contextlib.contextmanager

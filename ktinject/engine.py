@@ -34,6 +34,7 @@ from ktinject.cache import AttentionContext, StaticKVCache, local_cache_lens, us
 from ktinject.compiling import own_copy
 from ktinject.completion import Completion
 from ktinject.errors import ContextLengthError, KtinjectError
+from ktinject.placement import model_devices
 from ktinject.sampling import SamplingParams
 from operators.layer import FusedResidualDecoderLayer
 from operators.triton.gemv import MAX_ROWS, fused_gemv_pinned, prefer_fused_gemv
@@ -413,7 +414,7 @@ class Engine:
             logits_to_keep=1,
         )
         self.dynamic_tokens[slot].extend(chunk)
-        return out.logits[0, -1]
+        return out.logits[0, -1].to(self.device)
 
     def _static_forward(
         self,
@@ -624,7 +625,8 @@ def last_logits(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The model's forward over `ids` at `positions` with `context` visible to the attention
-    operators; returns the last position's logits [B, V] (the only ones computed)."""
+    operators; returns the last position's logits [B, V] (the only ones computed), on the ids'
+    device (a rule may have placed the head elsewhere)."""
     with use_context(context):
         out = model(
             input_ids=ids,
@@ -633,7 +635,7 @@ def last_logits(
             use_cache=False,
             logits_to_keep=1,
         )
-    return out.logits[:, -1]
+    return out.logits[:, -1].to(ids.device)
 
 
 class _DecodeGraph:
@@ -717,6 +719,10 @@ def graph_blocker(model: nn.Module) -> str | None:
         for m in model.modules()
     ):
         return "its MoE experts are Hugging Face's, which read the routing on the host"
+    devices = model_devices(model)
+    if len(devices) > 1:
+        listed = ", ".join(sorted(map(str, devices)))
+        return f"the rules place its modules on {listed}, and a graph captures one device's work"
     return None
 
 

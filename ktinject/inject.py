@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ktinject.errors import KtinjectError, RuleError, UnmatchedRuleError
+from ktinject.placement import align_devices, module_device
 from ktinject.rules import Rule, RuleSet, load_rules
 
 
@@ -82,7 +83,19 @@ def optimize(
         warnings.warn(
             f"Rules that matched no module: {listed}.", UnmatchedRuleWarning, stacklevel=2
         )
+    _align(model, report)
     return model, report
+
+
+def _align(model: nn.Module, report: InjectionReport) -> None:
+    """Let modules placed on different devices pass tensors (`ktinject.placement`), and say so."""
+    moves = align_devices(model)
+    if moves:
+        devices = ", ".join(sorted({str(move.device) for move in moves}))
+        report.notes.append(
+            f"modules run on {devices}: inputs move to {len(moves)} modules' devices "
+            f"(first: {moves[0].name}); decode runs without CUDA graphs"
+        )
 
 
 def _describe(rule: Rule) -> str:
@@ -164,15 +177,6 @@ def _build(rule: Rule, module: nn.Module, name: str, config: Any) -> nn.Module:
     return new
 
 
-def module_device(module: nn.Module) -> torch.device | None:
-    """Device of the module's first parameter or buffer (None for a stateless module)."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return None
-
-
 def _device_label(device: torch.device | None) -> str:
     return "-" if device is None or device.type == "meta" else str(device)
 
@@ -206,6 +210,7 @@ def place(model: nn.Module, report: InjectionReport, default: torch.device) -> n
         dataclasses.replace(r, device=_device_label(module_device(model.get_submodule(r.name))))
         for r in report.replacements
     ]
+    _align(model, report)
     return model
 
 

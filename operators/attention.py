@@ -154,11 +154,11 @@ class StaticCacheAttention(Operator):
         `operators.layer`) continues here."""
         batch, length, _ = qkv.shape
         q, k, v = qkv.split(self.split, dim=-1)
-        context = current_context()
+        context = current_context(qkv.device)
         fused = self.fused_rope and use_triton(qkv)
         # decode on GPU: per-head norms, rotation and the K/V write in one launch
         one_launch = fused and context is not None and context.prefill_start is None
-        head_norms = self._head_norms(qkv.dtype) if one_launch else None
+        head_norms = self._head_norms(qkv) if one_launch else None
         if self.q_norm is not None and not self.norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -190,14 +190,15 @@ class StaticCacheAttention(Operator):
                 out = self._decode(q, k, v, context)
         return self.o_proj(out.reshape(batch, length, -1))
 
-    def _head_norms(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    def _head_norms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(q weight, k weight, eps) of per-head RMSNorms that `rope_write_kv` can apply itself:
-        RMSNorm-like modules whose weights have the activations' dtype (else None)."""
+        RMSNorm-like modules whose weights have the activations' dtype and device (else None)."""
         if not self.norm_per_head:
             return None
         norms = (self.q_norm, self.k_norm)
         eps = {getattr(n, "variance_epsilon", getattr(n, "eps", None)) for n in norms}
-        if len(eps) != 1 or None in eps or any(n.weight.dtype != dtype for n in norms):
+        alike = all(n.weight.dtype == x.dtype and n.weight.device == x.device for n in norms)
+        if len(eps) != 1 or None in eps or not alike:
             return None
         return self.q_norm.weight, self.k_norm.weight, float(eps.pop())
 

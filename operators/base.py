@@ -13,9 +13,13 @@ class Operator(nn.Module):
 
     `not_capturable`: why a decode step containing this operator can be neither captured in a
     CUDA graph nor compiled as one graph (e.g. it reads device values on the host); the engine
-    then decodes eagerly and says why. None: it can be."""
+    then decodes eagerly and says why. None: it can be.
+
+    `places_inputs`: the operator takes inputs from any device and returns its output on theirs
+    itself, so `ktinject.placement` installs no device hook on it."""
 
     not_capturable: str | None = None
+    places_inputs: bool = False
 
     @classmethod
     def from_module(

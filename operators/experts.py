@@ -211,6 +211,7 @@ class CPUExperts(GatheredExperts):
         "its MoE experts run on the CPU (operators.experts.CPUExperts), which reads the "
         "routing on the host"
     )
+    places_inputs = True  # three copies queued, one stream sync (see forward)
 
     def __init__(
         self,

@@ -99,7 +99,7 @@ class FusedResidualDecoderLayer(Operator):
                 mlp.gate_up.bias,
             )
             return silu_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, residual)
-        if use_triton(hidden_states):
+        if use_triton(hidden_states) and norm.weight.device == hidden_states.device:
             hidden_states, residual = add_rms_norm(
                 hidden_states, residual, norm.weight, norm.variance_epsilon
             )
@@ -113,12 +113,20 @@ class FusedResidualDecoderLayer(Operator):
         if not (fused_gemv_preferred() and use_triton(x)) or x.numel() > MAX_ROWS * x.shape[-1]:
             return False
         norms = (self.input_layernorm, self.post_attention_layernorm)
-        return all(hasattr(n, "variance_epsilon") and n.weight.dtype == x.dtype for n in norms)
+        return all(
+            hasattr(n, "variance_epsilon")
+            and n.weight.dtype == x.dtype
+            and n.weight.device == x.device
+            for n in norms
+        )
 
 
 def _plain(linear: nn.Module | None, x: torch.Tensor) -> bool:
-    """A plain `nn.Linear` in the activations' dtype (what the fused projections read)."""
-    return type(linear) is nn.Linear and linear.weight.dtype == x.dtype
+    """A plain `nn.Linear` in the activations' dtype and on their device (what the fused
+    projections read)."""
+    if type(linear) is not nn.Linear:
+        return False
+    return linear.weight.dtype == x.dtype and linear.weight.device == x.device
 
 
 def _fused_silu(mlp: nn.Module, x: torch.Tensor) -> bool:

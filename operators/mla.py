@@ -149,7 +149,7 @@ class StaticCacheMLA(Operator):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         q_nope, q_pe, latent, k_pe = self._project(hidden_states, position_embeddings)
-        context = current_context()
+        context = current_context(hidden_states.device)
         weights = None
         if context is None:
             out, weights = self._hf_attention(

@@ -121,3 +121,40 @@ def test_bf16_graph_logits_within_tolerance(fused: bool) -> None:
         step = engine.decode([0], [tokens[index]])[0].float()
         scale = expected[index].abs().max()
         assert (step - expected[index]).abs().max() <= 2e-2 * scale
+
+
+def test_layers_split_between_the_gpu_and_the_cpu_give_hf_tokens() -> None:
+    """rules/llama-2gpu.yaml with its second part in CPU memory: the hidden state crosses to
+    the CPU and the logits come back (ktinject/placement.py); decode runs without graphs."""
+    reference, _ = models("llama")
+    out = reference.generate(
+        torch.tensor([PROMPT], device="cuda"), max_new_tokens=16, do_sample=False
+    )
+    patched, _ = optimize(
+        copy.deepcopy(reference), "llama-2gpu", strict=True, gpu1="cpu", second="1"
+    )
+    assert patched.model.layers[1].self_attn.qkv.weight.device.type == "cpu"
+    engine = Engine(patched)
+    assert not engine.cuda_graph and "cpu, cuda:0" in engine.graph_blocked_by
+    assert greedy(engine, PROMPT, 16) == out[0, len(PROMPT) :].tolist()
+
+
+def test_norms_on_the_cpu_inside_gpu_layers_give_hf_tokens() -> None:
+    """The README's rule-file example with --set norm_device=cpu: each norm takes its input to
+    the CPU and gives its output back to the layer on the GPU."""
+    reference, _ = models("llama")
+    out = reference.generate(
+        torch.tensor([PROMPT], device="cuda"), max_new_tokens=16, do_sample=False
+    )
+    rules = {
+        "extends": "llama.yaml",
+        "rules": [
+            {
+                "match": {"class": "LlamaRMSNorm"},
+                "replace": {"class": "operators.norm.RMSNorm", "device": "cpu"},
+            }
+        ],
+    }
+    patched, _ = optimize(copy.deepcopy(reference), rules, strict=True)
+    assert patched.model.layers[0].input_layernorm.weight.device.type == "cpu"
+    assert greedy(Engine(patched), PROMPT, 16) == out[0, len(PROMPT) :].tolist()
