@@ -31,14 +31,32 @@ from ktinject.bench.measure import machine  # noqa: E402
 from operators.experts import CPUExperts, GatheredExperts  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The layer's shape, the decode batches and the dtype (this benchmark's and the GPU one's)."""
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--width", type=int, default=768, help="one expert's intermediate size")
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--tokens", default="1,8", help="token counts per call (decode batches)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+
+
+def routed_batch(
+    args: argparse.Namespace, tokens: int, generator: torch.Generator, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden, top-k expert ids, routing weights) of `tokens` tokens, each routed to distinct
+    random experts as a router would."""
+    hidden = torch.randn(tokens, args.hidden, generator=generator).to(dtype)
+    index = torch.stack(
+        [torch.randperm(args.experts, generator=generator)[: args.top_k] for _ in range(tokens)]
+    )
+    weights = torch.rand(tokens, args.top_k, generator=generator).softmax(-1).to(dtype)
+    return hidden, index, weights
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_layer_arguments(parser)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=None)
@@ -85,14 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     generator = torch.Generator().manual_seed(1)
     token_counts = [int(n) for n in args.tokens.split(",")]
-    inputs = {}
-    for n in token_counts:
-        hidden = torch.randn(n, args.hidden, generator=generator).to(dtype)
-        index = torch.stack(
-            [torch.randperm(args.experts, generator=generator)[: args.top_k] for _ in range(n)]
-        )
-        weights = torch.rand(n, args.top_k, generator=generator).softmax(-1).to(dtype)
-        inputs[n] = (hidden, index, weights)
+    inputs = {n: routed_batch(args, n, generator, dtype) for n in token_counts}
 
     times: dict[tuple[str, int], list[float]] = {(s, n): [] for s in systems for n in token_counts}
     error: dict[tuple[str, int], float] = {}

@@ -4,7 +4,7 @@
 #
 # Run from the repository root once the carried wheels are installed:
 #     OUT=/some/folder bash benchmarks/run_gpu.sh
-# Writes $OUT/run_gpu.log (everything below) and one JSON per bench step (4 files in all), and
+# Writes $OUT/run_gpu.log (everything below) and one JSON per bench step (5 files in all), and
 # prints a summary table last. A step that fails or times out does not stop the next ones; each
 # step's timeout is cut to what is left of BUDGET_S, and a bench cut short by its timeout still
 # prints and writes what it measured.
@@ -71,6 +71,10 @@ step server 100 bash -c "python3 benchmarks/random_weights.py .gpu-assets/smollm
 # attention), kernel by kernel, for the next round of speed work
 step profile-smollm2 60 python3 benchmarks/profile_decode.py --shape smollm2-135m \
     --dtype bfloat16 --top 12
+
+# one Qwen3-30B-A3B layer's experts per decode step: HF's loop, torch's gathered copies, and
+# the in-place Triton kernels (operators/triton/experts.py), graph-captured
+step experts 45 python3 benchmarks/bench_gpu_experts.py --out "$OUT/gpu-experts.json"
 
 # HF's compile of the 8B decode step took 74 s on an H200 before: one round, last in line
 step llama3-8b-static-compile 240 "${BENCH[@]}" --shape llama3-8b "${COMMON[@]}" \
