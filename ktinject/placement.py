@@ -92,7 +92,9 @@ def plan_moves(
             device = device_of(child) or parent_device
             if getattr(child, "places_inputs", False):
                 continue
-            if id(child) in sequence:
+            if isinstance(child, nn.ModuleList | nn.ModuleDict):  # containers run no forward
+                pass
+            elif id(child) in sequence:
                 moves.append(Move(name, device, returns=False))
             elif device != parent_device:
                 moves.append(Move(name, device, returns=True))

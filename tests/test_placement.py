@@ -59,6 +59,14 @@ def test_layers_split_over_two_devices_cross_once() -> None:
     )
 
 
+def test_layer_lists_get_no_hook_of_their_own() -> None:
+    """A layer list has no forward: with its first layer elsewhere, only the layer moves."""
+    model, _ = optimize(tiny_model("llama"), rules_for("llama"))
+    moves = plan_moves(model, placed(model, "model.layers.0"))
+    assert "model.layers" not in {m.name for m in moves}
+    assert Move("model.layers.0", OTHER, returns=False) in moves
+
+
 def test_a_module_on_another_device_than_its_parent_gives_its_output_back() -> None:
     model, _ = optimize(tiny_model("llama"), rules_for("llama"))
     moves = plan_moves(model, placed(model, "model.layers.0.input_layernorm"))
