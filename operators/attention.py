@@ -20,7 +20,7 @@ from torch import nn
 
 from ktinject.cache import AttentionContext, LayerSpec, current_context
 from ktinject.errors import RuleError
-from operators.base import Operator, check_source, fuse_keys_on_load, fused_linear
+from operators.base import Operator, beside, check_source, fuse_keys_on_load, fused_linear
 from operators.linear import linear_dtype_device
 from operators.triton.decode_attention import decode_attention_reference
 from operators.triton.fused import (
@@ -197,8 +197,7 @@ class StaticCacheAttention(Operator):
             return None
         norms = (self.q_norm, self.k_norm)
         eps = {getattr(n, "variance_epsilon", getattr(n, "eps", None)) for n in norms}
-        alike = all(n.weight.dtype == x.dtype and n.weight.device == x.device for n in norms)
-        if len(eps) != 1 or None in eps or not alike:
+        if len(eps) != 1 or None in eps or not all(beside(n.weight, x) for n in norms):
             return None
         return self.q_norm.weight, self.k_norm.weight, float(eps.pop())
 

@@ -34,6 +34,12 @@ class Operator(nn.Module):
         raise NotImplementedError
 
 
+def beside(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a fused kernel may read `weight` with the activations `x`: same dtype, same
+    device (a rule may have placed the module holding it elsewhere)."""
+    return weight.dtype == x.dtype and weight.device == x.device
+
+
 def check_source(
     operator: type, module: nn.Module, kwargs: dict[str, Any], parts: tuple[str, ...]
 ) -> None:

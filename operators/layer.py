@@ -22,7 +22,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from operators.base import Operator, check_source
+from operators.base import Operator, beside, check_source
 from operators.mlp import FusedGatedMLP
 from operators.triton.fused import add_rms_norm, use_triton
 from operators.triton.gemv import MAX_ROWS, fused_gemv_preferred, norm_linear, silu_linear
@@ -113,20 +113,13 @@ class FusedResidualDecoderLayer(Operator):
         if not (fused_gemv_preferred() and use_triton(x)) or x.numel() > MAX_ROWS * x.shape[-1]:
             return False
         norms = (self.input_layernorm, self.post_attention_layernorm)
-        return all(
-            hasattr(n, "variance_epsilon")
-            and n.weight.dtype == x.dtype
-            and n.weight.device == x.device
-            for n in norms
-        )
+        return all(hasattr(n, "variance_epsilon") and beside(n.weight, x) for n in norms)
 
 
 def _plain(linear: nn.Module | None, x: torch.Tensor) -> bool:
     """A plain `nn.Linear` in the activations' dtype and on their device (what the fused
     projections read)."""
-    if type(linear) is not nn.Linear:
-        return False
-    return linear.weight.dtype == x.dtype and linear.weight.device == x.device
+    return type(linear) is nn.Linear and beside(linear.weight, x)
 
 
 def _fused_silu(mlp: nn.Module, x: torch.Tensor) -> bool:
