@@ -465,15 +465,16 @@ def test_smollm2_conversation_reuses_history(smollm2):
 def test_text_queued_while_a_chunk_was_sent_goes_out_as_one_chunk():
     """A stream that fell behind (many streams, a slow client) catches up: the deltas already
     queued are merged into one chunk; nothing is lost and the stream still ends properly."""
+    from ktinject.server.delivery import Inbox
     from ktinject.server.formats import ChatFormat, Reply
     from ktinject.server.handler import Handler, RequestEvents
     from ktinject.server.sequence import Delta, Finished, Usage
 
     async def stream() -> list[str]:
-        queue: asyncio.Queue = asyncio.Queue()
+        inbox = Inbox()
         for event in (Delta("b"), Delta("c"), Finished("stop", Usage(3, 3, 0))):
-            queue.put_nowait(event)
-        events = RequestEvents(None, None, queue, None, lambda outcome: None)
+            inbox.put(event)
+        events = RequestEvents(None, None, inbox, None, lambda outcome: None)
         chunks = Handler._stream(
             None, ChatFormat(), Reply.new("x-", "m"), False, Delta("a"), events
         )

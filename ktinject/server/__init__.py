@@ -6,7 +6,8 @@ app itself with `ktinject.server.app.create_app(engine, tokenizer, ServeConfig(.
 Modules: `launch` (flags, config file, start-up), `app` (routes), `handler` (one request from
 body to response), `scheduler` (slots, continuous batching, the only user of the engine),
 `sequence` (one request's generation state), `context` (context-length policy), `prompts`,
-`schemas`, `formats` (wire shapes), `errors`, `auth`, `metrics`, `background` (in-process server).
+`schemas`, `formats` (wire shapes), `delivery` (events from the scheduler to waiting requests),
+`errors`, `auth`, `metrics`, `background` (in-process server).
 """
 
 from ktinject.server.launch import add_serve_arguments, run_serve

@@ -24,8 +24,9 @@ from ktinject.errors import KtinjectError
 from ktinject.sampling import SamplingParams
 from ktinject.server.config import ServeConfig
 from ktinject.server.context import max_new_tokens_for
+from ktinject.server.delivery import Inbox, Mailbox
 from ktinject.server.errors import RequestError, describe, error_response
-from ktinject.server.formats import Format, Reply
+from ktinject.server.formats import Format, Reply, TextChunks
 from ktinject.server.metrics import ServerMetrics
 from ktinject.server.scheduler import Scheduler
 from ktinject.server.schemas import GenerationRequest
@@ -44,32 +45,30 @@ class RequestEvents:
         self,
         request: Request,
         seq: Sequence,
-        queue: asyncio.Queue[Event],
+        inbox: Inbox,
         scheduler: Scheduler,
         count: Callable[[str], None],
     ) -> None:
         self.request = request
         self.seq = seq
-        self.queue = queue
+        self.inbox = inbox
         self.scheduler = scheduler
         self.count = count
         self.outcome: str | None = None  # finish reason or "error"; None while running
 
     async def next(self) -> Event | None:
         """The next event, or None once the client has disconnected."""
-        # events often arrive in bursts: take a queued one without setting up a timed wait
-        event = self.queued()
+        event = self.inbox.get_nowait()
         while event is None:
-            try:
-                event = self._note(await asyncio.wait_for(self.queue.get(), POLL_S))
-            except TimeoutError:
-                if await self.request.is_disconnected():
-                    return None
-        return event
+            event = await self.inbox.get(POLL_S)
+            if event is None and await self.request.is_disconnected():
+                return None
+        return self._note(event)
 
     def queued(self) -> Event | None:
         """An event that has already arrived, or None."""
-        return None if self.queue.empty() else self._note(self.queue.get_nowait())
+        event = self.inbox.get_nowait()
+        return None if event is None else self._note(event)
 
     def _note(self, event: Event) -> Event:
         if isinstance(event, Finished):
@@ -100,6 +99,7 @@ class Handler:
         self.scheduler = scheduler
         self.metrics = metrics
         self.config = config
+        self.mailbox: Mailbox | None = None  # made on the event loop, by the first request
 
     def count(self, endpoint: str, outcome: str) -> None:
         self.metrics.requests.labels(endpoint=endpoint, outcome=outcome).inc()
@@ -166,18 +166,20 @@ class Handler:
         self, request: Request, endpoint: str, ids: list[int], params: SamplingParams
     ) -> RequestEvents:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = Mailbox(loop)
+        inbox = Inbox()
         seq = Sequence(
             ids,
             params,
             tokenizer=self.tokenizer,
             eos_ids=self.engine.eos_ids,
             device=self.engine.device,
-            emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event),
+            emit=functools.partial(self.mailbox.post, inbox),
         )
         self.scheduler.submit(seq)
         count = functools.partial(self.count, endpoint)
-        return RequestEvents(request, seq, queue, self.scheduler, count)
+        return RequestEvents(request, seq, inbox, self.scheduler, count)
 
     async def _collect(
         self, fmt: Format, reply: Reply, event: Event | None, events: RequestEvents
@@ -206,6 +208,7 @@ class Handler:
             opening = fmt.opening(reply)
             if opening is not None:
                 yield _sse(opening)
+            chunks = TextChunks(fmt, reply)
             while isinstance(event, Delta):
                 # Text that arrived while the last chunk was being sent goes out as one chunk:
                 # under load (many streams, a slow client) the stream catches up instead of
@@ -213,7 +216,7 @@ class Handler:
                 text, event = event.text, events.queued()
                 while isinstance(event, Delta):
                     text, event = text + event.text, events.queued()
-                yield _sse(fmt.chunk(reply, text, None))
+                yield chunks.event(text)
                 if event is None:
                     event = await events.next()
             if isinstance(event, Finished):
