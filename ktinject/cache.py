@@ -44,9 +44,18 @@ class LayerSpec:
 
 
 class StaticKVCache:
-    """K/V buffers for `num_slots` sequences of up to `cache_lens` positions each."""
+    """K/V buffers for `num_slots` sequences of up to `cache_lens` positions each. A decode step
+    may have more rows than slots (`max_rows`): rows of one slot at consecutive positions are how
+    the engine replays a short prefill chunk."""
 
-    def __init__(self, specs: dict[int, LayerSpec], *, num_slots: int, cache_lens: int) -> None:
+    def __init__(
+        self,
+        specs: dict[int, LayerSpec],
+        *,
+        num_slots: int,
+        cache_lens: int,
+        max_rows: int | None = None,
+    ) -> None:
         self.specs = specs
         self.num_slots = num_slots
         self.cache_lens = cache_lens
@@ -59,11 +68,12 @@ class StaticKVCache:
             )
         self.lengths = [0] * num_slots
         self.tokens: list[list[int]] = [[] for _ in range(num_slots)]
-        # per device, zero between kernels: lets decode attention merge its splits without a
-        # second launch (operators.triton.decode_attention, `counters`)
+        # per device and row, zero between kernels: lets decode attention merge its splits
+        # without a second launch (operators.triton.decode_attention, `counters`)
         heads = max((spec.kv_heads for spec in specs.values()), default=0)
+        rows = max(num_slots, max_rows or 0)
         self.split_counters = {
-            device: torch.zeros((num_slots, heads), dtype=torch.int32, device=device)
+            device: torch.zeros((rows, heads), dtype=torch.int32, device=device)
             for device in {k.device for k, _ in self.kv.values()}  # as the kernels see it
         }
         # tensors operators derive from the cache's size (e.g. `operators.rope.RotaryTable`'s

@@ -16,7 +16,8 @@ the single-sequence loop used by `run` and `chat` (and, step for step, by `bench
 feed each step the token sampled by the previous one while it is still on the device
 (`decode_sampled`), so on a GPU the host's per-token work overlaps the step. A decode graph is
 captured per batch size, twice where the decoder layers can fold their norms into the
-projections (`operators.triton.gemv`), and the faster replay is kept.
+projections (`operators.triton.gemv`), and the faster replay is kept. A short prefill chunk
+replays a decode graph too, one row per token (`Engine._prefill_rows`).
 """
 
 from __future__ import annotations
@@ -36,10 +37,17 @@ from ktinject.completion import Completion
 from ktinject.errors import ContextLengthError, KtinjectError
 from ktinject.placement import model_devices
 from ktinject.sampling import SamplingParams
+from operators.experts import GatheredExperts
 from operators.layer import FusedResidualDecoderLayer
 from operators.triton.gemv import MAX_ROWS, fused_gemv_pinned, prefer_fused_gemv
 
 DEFAULT_CHUNK_SIZE = 8192
+# Short prefill chunks replay a decode graph with one row per token (`Engine._prefill_rows`):
+# the row counts captured, and the most cache bytes the rows' attention may read in one replay
+# (each row reads its own prefix: rows x context x K/V bytes per position; 8 GiB is ~2 ms of
+# H100/H200 HBM, against the ~35 ms of host work an eager prefill costs there).
+PREFILL_GRAPH_ROWS = (16, 32, 64, 128)
+PREFILL_GRAPH_READ_BYTES = 8 << 30
 log = logging.getLogger("ktinject.engine")
 
 
@@ -126,6 +134,11 @@ class Engine:
         self.dynamic: list[Any] = [None] * num_slots
         self.dynamic_tokens: list[list[int]] = [[] for _ in range(num_slots)]
         self.graphs: dict[int, _DecodeGraph] = {}
+        self.prefill_graphs: dict[int, _DecodeGraph] = {}  # rows -> plain decode graph
+        # gathered experts copy each row's experts' weights: memory grows with the rows
+        self.prefill_graphs_allowed = not any(
+            isinstance(m, GatheredExperts) for m in model.modules()
+        )
         self.graph_pool: Any = None
         self.capture_s = 0.0
         self.fused_gemv_choice: dict[int, bool] = {}  # batch size -> graph with fused GEMVs
@@ -172,7 +185,13 @@ class Engine:
         """(Re)allocate the static cache; a larger one keeps what the old one held."""
         old, self.cache = self.cache, None
         self.graphs.clear()
-        self.cache = StaticKVCache(self.specs, num_slots=self.num_slots, cache_lens=cache_lens)
+        self.prefill_graphs.clear()
+        self.cache = StaticKVCache(
+            self.specs,
+            num_slots=self.num_slots,
+            cache_lens=cache_lens,
+            max_rows=PREFILL_GRAPH_ROWS[-1] if self.cuda_graph else None,
+        )
         if old is not None:
             self.cache.copy_from(old)
 
@@ -302,10 +321,16 @@ class Engine:
         """Compile and capture before the first request, then empty every slot. Triton specialises
         kernels on whether integer arguments are 1 or multiples of 16, so prefills of 2 and 16
         tokens compile every variant a prompt can need; a decode graph is captured per batch size
-        (a first request otherwise paid ~0.8 s of compilation on an H200)."""
+        (a first request otherwise paid ~0.8 s of compilation on an H200). Where short chunks
+        replay decode graphs (`_prefill_rows`), each of those is captured too, and chunks just
+        past the largest of them compile the eager prefill's variants."""
+        lengths = [2, 16]
+        if self.cuda_graph and self.prefill_graphs_allowed:
+            top = PREFILL_GRAPH_ROWS[-1]
+            lengths += [*PREFILL_GRAPH_ROWS, top + 2, top + 16]
         try:
             limit = self.fixed_cache_lens or DEFAULT_CHUNK_SIZE
-            for length in (n for n in (2, 16) if n < limit):
+            for length in (n for n in lengths if n < limit):
                 self.prefill(0, [0] * length, reuse=False)
             for batch in range(1, self.num_slots + 1):
                 self.decode(list(range(batch)), [0] * batch)
@@ -396,7 +421,11 @@ class Engine:
     def _forward_chunk(self, slot: int, start: int, chunk: list[int]) -> torch.Tensor:
         """Process `chunk` at positions [start, start+len) of `slot`; return last logits [V]."""
         if self.static:
-            logits = self._static_forward([slot], chunk, [start], prefill=True)[0]
+            rows = self._prefill_rows(start, len(chunk))
+            if rows is None:
+                logits = self._static_forward([slot], chunk, [start], prefill=True)[0]
+            else:
+                logits = self._replay_prefill(rows, slot, start, chunk)
             self.cache.lengths[slot] = start + len(chunk)
             self.cache.tokens[slot].extend(chunk)
             return logits
@@ -415,6 +444,39 @@ class Engine:
         )
         self.dynamic_tokens[slot].extend(chunk)
         return out.logits[0, -1].to(self.device)
+
+    def _prefill_rows(self, start: int, length: int) -> int | None:
+        """The decode graph (its row count) that prefills `length` tokens after `start`, or None
+        for an eager prefill. On a GPU an eager prefill of a short chunk is host-bound: ~35 ms
+        for SmolLM2's 30 layers on an H200 (2026-11-27), whatever the length up to ~128 tokens.
+        A decode step treats each row as its own sequence, so the chunk's tokens can be rows of
+        one slot at consecutive positions: every row writes its K/V before the attention reads
+        (the plain graph writes in a launch of its own) and reads its own prefix, which makes
+        the attention causal. Rows past the chunk repeat its last token at its position, so
+        they write the same K/V there. Each row re-reads its prefix, hence the byte budget."""
+        if not (self.cuda_graph and self.prefill_graphs_allowed) or fused_gemv_pinned():
+            return None  # (the fused graph would race: see `_replay_prefill`)
+        rows = next((r for r in PREFILL_GRAPH_ROWS if r >= length), None)
+        cache = self.cache
+        per_position = cache.nbytes // (cache.num_slots * cache.cache_lens)
+        if rows is None or rows * (start + length) * per_position > PREFILL_GRAPH_READ_BYTES:
+            return None
+        return rows
+
+    def _replay_prefill(self, rows: int, slot: int, start: int, chunk: list[int]) -> torch.Tensor:
+        """`chunk` at [start, start+len) of `slot` through the decode graph of `rows` rows (see
+        `_prefill_rows`); returns the last token's logits [V]."""
+        graph = self.prefill_graphs.get(rows)
+        if graph is None:
+            # plain: the fused graph writes a row's K/V inside the attention launch, where
+            # other rows of the same slot may already be reading
+            graph = self._capture(lambda: _DecodeGraph(self, rows, fused=False))
+            self.prefill_graphs[rows] = graph
+        padding = rows - len(chunk)
+        last = start + len(chunk) - 1
+        positions = [*range(start, last + 1), *[last] * padding]
+        logits = graph.run([slot] * rows, [*chunk, *[chunk[-1]] * padding], positions)
+        return logits[len(chunk) - 1].clone()  # the graph's buffer is rewritten by the next one
 
     def _static_forward(
         self,
@@ -450,12 +512,16 @@ class Engine:
     def _graph(self, batch: int) -> _DecodeGraph:
         graph = self.graphs.get(batch)
         if graph is None:
-            started = time.perf_counter()
-            if self.graph_pool is None:
-                self.graph_pool = torch.cuda.graph_pool_handle()
-            graph = self._capture_fastest(batch)
-            self.graphs[batch] = graph
-            self.capture_s += time.perf_counter() - started
+            graph = self.graphs[batch] = self._capture(lambda: self._capture_fastest(batch))
+        return graph
+
+    def _capture(self, make: Callable[[], _DecodeGraph]) -> _DecodeGraph:
+        """`make()` a graph in the engine's memory pool, adding its time to `capture_s`."""
+        started = time.perf_counter()
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        graph = make()
+        self.capture_s += time.perf_counter() - started
         return graph
 
     def _capture_fastest(self, batch: int) -> _DecodeGraph:

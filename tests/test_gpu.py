@@ -108,6 +108,26 @@ def test_batched_graph_decode_equals_single_sequences(arch: str, rows: int) -> N
     assert rows in engine.graphs
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_short_prefill_chunks_replayed_as_rows_give_hf_logits(arch: str) -> None:
+    """Chunks of up to 128 tokens replay a plain decode graph with one row per token
+    (`Engine._prefill_rows`), padded to 16/32/64/128 rows; longer ones prefill eagerly."""
+    reference, patched = models(arch)
+    tokens = [i % 50 + 1 for i in range(345)]
+    with torch.inference_mode():
+        expected = reference(torch.tensor([tokens], device="cuda")).logits[0]
+    engine = Engine(patched, cache_lens=512)
+    end = 140
+    engine.prefill(0, tokens[:end])
+    assert not engine.prefill_graphs  # longer than any replayed chunk
+    for length in (5, 16, 20, 64, 100):
+        end += length
+        logits, cached = engine.prefill(0, tokens[:end])
+        assert cached == end - length
+        torch.testing.assert_close(logits, expected[end - 1], atol=1e-4, rtol=1e-4)
+    assert sorted(engine.prefill_graphs) == [16, 32, 64, 128]
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gemv"])
 def test_bf16_graph_logits_within_tolerance(fused: bool) -> None:
     reference, patched = models("llama", torch.bfloat16)

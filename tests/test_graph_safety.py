@@ -12,6 +12,7 @@ This catches on a CPU machine what would otherwise only fail on a GPU.
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 from tiny_models import MOE_ARCHITECTURES, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import ktinject.engine
 import operators.attention
 import operators.experts
 import operators.layer
@@ -27,6 +29,7 @@ import operators.norm
 from ktinject import optimize
 from ktinject.engine import DecodeStep, Engine, graph_blocker
 from ktinject.loading import rules_for
+from ktinject.sampling import SamplingParams
 from operators.experts import GatheredExperts
 from operators.layer import FusedResidualDecoderLayer
 from operators.mlp import FusedGatedMLP
@@ -55,6 +58,10 @@ class NoHostSync(TorchDispatchMode):
 
 @pytest.fixture
 def gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    force_gpu_paths(monkeypatch)
+
+
+def force_gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in (
         operators.attention,
         operators.experts,
@@ -177,3 +184,63 @@ def test_dense_models_are_captured() -> None:
 def test_moe_models_with_shipped_rules_are_captured(arch: str) -> None:
     model, _ = optimize(tiny_model(arch), rules_for(arch), strict=True)
     assert graph_blocker(model) is None
+
+
+class EagerGraph:
+    """Stands in for `_DecodeGraph` on CPU: the step it would capture, run eagerly and checked
+    sync-free at every replay."""
+
+    def __init__(self, engine: Engine, batch: int, *, fused: bool) -> None:
+        self.step, self.fused, self.logits = DecodeStep(engine, batch), fused, None
+        self.graph = SimpleNamespace(replay=self.replay)
+
+    def replay(self) -> None:
+        with NoHostSync(), prefer_fused_gemv(self.fused):
+            self.logits = self.step()
+
+    def run(self, slots, token_ids, positions) -> torch.Tensor:
+        self.step.load(slots, token_ids, positions)
+        self.replay()
+        return self.logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_short_prefill_chunk_replays_a_decode_graph_with_a_row_per_token(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU a short prefill chunk replays the plain decode graph with one row per token, all
+    rows in one slot (`Engine._prefill_rows`), instead of an eager forward that costs ~35 ms of
+    host work there. With the graphs stood in by their eager steps (and, to keep the Triton
+    interpreter quick, graphs of 4 and 8 rows): a history prefilled eagerly (longer than any
+    such graph), a follow-up of 3 tokens replayed as 4 rows (one of them padding), then decode,
+    give the logits, cache and greedy tokens of the CPU path."""
+    model, _ = optimize(tiny_model(arch), rules_for(arch), strict=True)
+    history = [i % 50 + 1 for i in range(12)]
+    prompt = [*history, 3, 9, 27]
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    reference = Engine(model, cache_lens=64)
+    expected_logits, _ = reference.prefill(0, prompt)
+    expected_cache = copy.deepcopy(reference.cache)
+    expected = reference.generate(prompt, params)
+    expected.result()
+
+    force_gpu_paths(monkeypatch)
+    monkeypatch.setattr(ktinject.engine, "_DecodeGraph", EagerGraph)
+    monkeypatch.setattr(ktinject.engine, "PREFILL_GRAPH_ROWS", (4, 8))
+    monkeypatch.setattr(ktinject.engine, "fused_gemv_pinned", lambda: False)  # no replay timing
+    engine = Engine(model)  # local mode: the cache is sized (for 8-row steps) on first use
+    engine.cuda_graph, engine.graph_pool = True, "pool"
+    engine.prefill(0, history)
+    assert not engine.prefill_graphs  # 12 tokens: eager
+    logits, cached = engine.prefill(0, prompt)
+    assert cached == len(history) and list(engine.prefill_graphs) == [4]
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+    end = len(prompt)
+    for layer, (k_cache, v_cache) in engine.cache.kv.items():
+        want_k, want_v = expected_cache.kv[layer]
+        torch.testing.assert_close(k_cache[0, :, :end], want_k[0, :, :end], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v_cache[0, :, :end], want_v[0, :, :end], atol=1e-5, rtol=1e-5)
+    generation = engine.generate(prompt, params, reuse=True)
+    generation.result()
+    assert generation.token_ids == expected.token_ids
+    assert engine.graphs  # decode replayed (stood-in) graphs too
