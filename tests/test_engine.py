@@ -4,6 +4,7 @@ streaming text."""
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from ktinject.cache import local_cache_lens
 from ktinject.detokenize import StreamDecoder
 from ktinject.engine import Engine
 from ktinject.errors import ContextLengthError, KtinjectError
-from ktinject.sampling import SamplingParams, sample
+from ktinject.sampling import SamplingParams, draw, sample
 from ktinject.stopping import StopMatcher
 
 PROMPT = [1, 5, 9, 13, 17, 3, 7, 11]
@@ -208,6 +209,39 @@ def test_tiny_top_p_keeps_only_the_best_token() -> None:
     assert torch.equal(sample(logits, params), logits.argmax(-1))
 
 
+def test_draw_follows_the_probabilities() -> None:
+    probs = torch.tensor([[0.1, 0.0, 0.2, 0.7]]).expand(40_000, -1)
+    picks = draw(probs, torch.Generator().manual_seed(0))
+    frequency = torch.bincount(picks, minlength=4) / len(picks)
+    torch.testing.assert_close(frequency, probs[0], atol=0.01, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    weights=st.lists(st.sampled_from([0.0, 1e-30, 0.3, 1.0, 7.0]), min_size=1, max_size=40).filter(
+        lambda w: sum(w) > 0
+    ),
+    uniform=st.sampled_from([0.0, 0.5, 1.0 - 2.0**-53, None]),
+)
+def test_draw_never_picks_an_entry_of_probability_zero(
+    weights: list[float], uniform: float | None
+) -> None:
+    """Top-k / top-p leave zeros in the distribution. Also with the extreme draws (0, just below
+    1); a draw of 0 lands on the first entry that can be chosen."""
+    probs = torch.tensor([weights], dtype=torch.float32).expand(64, -1) / sum(weights)
+    generator = torch.Generator().manual_seed(len(weights))
+    if uniform is None:
+        picks = draw(probs, generator).tolist()
+    else:
+        fixed = lambda shape, generator, **kw: torch.full(shape, uniform, **kw)  # noqa: E731
+        with mock.patch.object(torch, "rand", fixed):
+            picks = draw(probs, generator).tolist()
+    possible = [i for i, p in enumerate(probs[0].tolist()) if p > 0]
+    assert set(picks) <= set(possible)
+    if uniform == 0.0:
+        assert set(picks) == {possible[0]}
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("max_new_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -1)],
@@ -315,3 +349,45 @@ def test_rows_sample_together_as_each_would_alone() -> None:
     alone = [c.sample_on_device(row)[0] for c, row in zip(completions(), logits, strict=True)]
     assert together.tolist() == [int(t) for t in alone]
     assert together[0] == logits[0].argmax()
+
+
+def test_rows_with_the_same_settings_are_drawn_with_one_set_of_kernels() -> None:
+    """Unseeded rows sharing their settings are sampled in one batched call (each op is a kernel
+    launch on a GPU), between greedy and seeded rows that keep theirs; each row's token is one
+    its own settings allow."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ktinject.completion import Completion, sample_rows
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    cpu = torch.device("cpu")
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
+    top5 = SamplingParams(temperature=0.9, top_k=5)
+
+    def ops(settings: list[SamplingParams]) -> tuple[int, torch.Tensor]:
+        rows = [Completion(p, tokenizer=None, eos_ids=set(), device=cpu) for p in settings]
+        with CountOps() as counter:
+            tokens = sample_rows(rows, logits[: len(settings)])
+        return counter.ops, tokens
+
+    one, _ = ops([top5])
+    eight, tokens = ops([top5] * 8)
+    assert eight == one
+    allowed = logits.topk(5, dim=-1).indices
+    assert all(t in allowed[row] for row, t in enumerate(tokens.tolist()))
+
+    seeded = SamplingParams(temperature=0.7, seed=5)
+    mixed = [SamplingParams(), top5, seeded, top5, SamplingParams(), top5]
+    _, tokens = ops(mixed)
+    assert tokens[0] == logits[0].argmax() and tokens[4] == logits[4].argmax()
+    alone = Completion(seeded, tokenizer=None, eos_ids=set(), device=cpu)
+    assert tokens[2] == alone.sample_on_device(logits[2])[0]
+    assert all(tokens[row] in allowed[row] for row in (1, 3, 5))
