@@ -17,7 +17,7 @@ from ktinject.cache import local_cache_lens
 from ktinject.detokenize import StreamDecoder
 from ktinject.engine import Engine
 from ktinject.errors import ContextLengthError, KtinjectError
-from ktinject.sampling import SamplingParams, draw, sample
+from ktinject.sampling import SamplingParams, draw, sample, top_p_filter
 from ktinject.stopping import StopMatcher
 
 PROMPT = [1, 5, 9, 13, 17, 3, 7, 11]
@@ -391,3 +391,25 @@ def test_rows_with_the_same_settings_are_drawn_with_one_set_of_kernels() -> None
     alone = Completion(seeded, tokenizer=None, eos_ids=set(), device=cpu)
     assert tokens[2] == alone.sample_on_device(logits[2])[0]
     assert all(tokens[row] in allowed[row] for row in (1, 3, 5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    spread=st.sampled_from([0.5, 3.0, 12.0]),
+    top_p=st.sampled_from([0.05, 0.5, 0.9, 0.99]),
+)
+def test_top_p_from_a_partial_sort_equals_the_full_sort(
+    seed: int, spread: float, top_p: float
+) -> None:
+    """On a CPU top-p orders only the best entries when they hold enough of the mass (flat rows
+    fall back to the full sort); either way the same entries survive."""
+    scores = torch.randn(4, 3000, generator=torch.Generator().manual_seed(seed)) * spread
+    probs = scores.softmax(dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    before = ordered.cumsum(dim=-1) - ordered
+    expected = torch.full_like(scores, float("-inf"))
+    for row in range(len(scores)):
+        keep = order[row][before[row] < top_p]
+        expected[row, keep] = scores[row, keep]
+    assert torch.equal(top_p_filter(scores, top_p), expected)
