@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ktinject.detokenize import StreamDecoder
+from ktinject.devices import host_ints_to
 from ktinject.sampling import SamplingParams, make_generator, sample
 from ktinject.stopping import StopMatcher
 
@@ -92,13 +93,6 @@ def sample_rows(completions: list[Completion], logits: torch.Tensor) -> torch.Te
         if len(rows) == len(completions):
             return sample(logits, params)
         tokens = logits.argmax(dim=-1) if tokens is None else tokens
-        index = host_rows_on(rows, logits.device)
+        index = host_ints_to(rows, logits.device)
         tokens.index_copy_(0, index, sample(logits.index_select(0, index), params))
     return logits.argmax(dim=-1) if tokens is None else tokens
-
-
-def host_rows_on(rows: list[int], device: torch.device) -> torch.Tensor:
-    """Row indices as a tensor on `device`, copied from pinned memory without waiting: a plain
-    host-to-GPU copy synchronises the stream, i.e. waits for the decode step queued before."""
-    pinned = device.type == "cuda"
-    return torch.tensor(rows, dtype=torch.long, pin_memory=pinned).to(device, non_blocking=pinned)

@@ -45,3 +45,12 @@ def check_device(value: str | torch.device, *, where: str, fix: str) -> torch.de
             f"{where}: device '{value}' is not available on this machine; use 'cpu' ({fix})."
         )
     return device
+
+
+def host_ints_to(values: list[int], device: torch.device) -> torch.Tensor:
+    """`values` as an int64 tensor on `device`, queued behind the work already there. A plain
+    copy from host memory to a GPU synchronises the stream first, i.e. waits for the decode step
+    queued before it (whose overlap with the host's work `Engine.decode_sampled` exists for);
+    from pinned memory the copy is queued like a kernel."""
+    pinned = device.type == "cuda"
+    return torch.tensor(values, dtype=torch.long, pin_memory=pinned).to(device, non_blocking=pinned)

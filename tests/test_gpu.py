@@ -13,6 +13,8 @@ import torch
 from tiny_models import ARCHITECTURES, tiny_model
 
 from ktinject import optimize
+from ktinject.completion import Completion, sample_rows
+from ktinject.devices import host_ints_to
 from ktinject.engine import Engine
 from ktinject.loading import rules_for
 from ktinject.sampling import SamplingParams
@@ -126,6 +128,30 @@ def test_short_prefill_chunks_replayed_as_rows_give_hf_logits(arch: str) -> None
         assert cached == end - length
         torch.testing.assert_close(logits, expected[end - 1], atol=1e-4, rtol=1e-4)
     assert sorted(engine.prefill_graphs) == [16, 32, 64, 128]
+
+
+def test_sampling_a_mixed_batch_never_synchronises() -> None:
+    """The server samples each step while the next one runs (`decode_sampled`); a plain
+    host-to-GPU copy or a host read would wait for it. Greedy, top-p, top-k and seeded rows,
+    and the row indices the scheduler copies when requests join or leave."""
+    cuda = torch.device("cuda")
+    settings = [
+        SamplingParams(),
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=1.2, top_k=5, seed=4),
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(),
+    ]
+    rows = [Completion(p, tokenizer=None, eos_ids=set(), device=cuda) for p in settings]
+    logits = torch.randn(len(rows), 3000, device=cuda)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sample_rows(rows, logits)
+        host_ints_to([3, 1, 4], cuda)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens[0] == logits[0].argmax() and tokens[4] == logits[4].argmax()
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gemv"])

@@ -38,6 +38,7 @@ from collections import deque
 import torch
 
 from ktinject.completion import sample_rows
+from ktinject.devices import host_ints_to
 from ktinject.engine import Engine
 from ktinject.errors import KtinjectError
 from ktinject.server.metrics import ServerMetrics
@@ -202,7 +203,9 @@ class Scheduler:
         if not going:
             return
         try:
-            rows = logits if len(going) == len(batch) else logits[going]
+            rows = logits
+            if len(going) < len(batch):
+                rows = logits.index_select(0, host_ints_to(going, logits.device))
             self.sampled = sample_rows([batch[row].completion for row in going], rows)
         except Exception as exc:
             for row in going:
@@ -218,10 +221,12 @@ class Scheduler:
         rows = [in_flight.get(seq) for seq in batch]
         if self.sampled is not None and rows == list(range(len(self.sampled))):
             return self.sampled  # the usual case: the same requests as the previous step
-        ids = torch.tensor([seq.pending or 0 for seq in batch], device=self.engine.device)
+        device = self.engine.device
+        ids = host_ints_to([seq.pending or 0 for seq in batch], device)
         kept = [index for index, row in enumerate(rows) if row is not None]
         if kept:
-            ids[kept] = self.sampled[[rows[index] for index in kept]]
+            taken = self.sampled.index_select(0, host_ints_to([rows[i] for i in kept], device))
+            ids.index_copy_(0, host_ints_to(kept, device), taken)
         return ids
 
     def _accept(self, seq: Sequence, token: int) -> None:
