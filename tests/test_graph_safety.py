@@ -204,7 +204,7 @@ class EagerGraph:
         return self.logits
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_short_prefill_chunk_replays_a_decode_graph_with_a_row_per_token(
     arch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -244,3 +244,14 @@ def test_short_prefill_chunk_replays_a_decode_graph_with_a_row_per_token(
     generation.result()
     assert generation.token_ids == expected.token_ids
     assert engine.graphs  # decode replayed (stood-in) graphs too
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHITECTURES)
+def test_moe_prefill_never_replays_decode_graphs(arch: str) -> None:
+    """Gathered experts copy each row's experts' weights: a 128-row step of Qwen3-30B-A3B would
+    copy gigabytes, so MoE models prefill eagerly."""
+    model, _ = optimize(tiny_model(arch), rules_for(arch), strict=True)
+    engine = Engine(model, cache_lens=64)
+    engine.cuda_graph = True
+    assert not engine.prefill_graphs_allowed
+    assert engine._prefill_rows(0, 5) is None
