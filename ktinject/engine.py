@@ -34,6 +34,7 @@ from torch import nn
 from ktinject.cache import AttentionContext, StaticKVCache, local_cache_lens, use_context
 from ktinject.compiling import own_copy
 from ktinject.completion import Completion
+from ktinject.devices import host_ints_to
 from ktinject.errors import ContextLengthError, KtinjectError
 from ktinject.placement import model_devices
 from ktinject.sampling import SamplingParams
@@ -488,18 +489,18 @@ class Engine:
     ) -> torch.Tensor:
         """Eager forward over the static cache. Prefill: one slot, many tokens. Decode: one token
         per slot. Returns last-position logits [B, V]."""
-        device = self.device
+        device = self.device  # host lists travel by host_ints_to: no wait for queued steps
         if prefill:
-            ids = torch.tensor([token_ids], device=device)
+            ids = host_ints_to(token_ids, device)[None]
             positions = torch.arange(starts[0], starts[0] + len(token_ids), device=device)[None]
-            seq_lens = torch.tensor([starts[0] + len(token_ids)], device=device, dtype=torch.int32)
+            seq_lens = (positions[:, -1] + 1).to(torch.int32)
         else:
             ids = decode_ids(token_ids, device)
-            positions = torch.tensor(starts, device=device)[:, None]
+            positions = host_ints_to(starts, device)[:, None]
             seq_lens = (positions[:, 0] + 1).to(torch.int32)
         context = AttentionContext(
             cache=self.cache,
-            slots=torch.tensor(slots, device=device),
+            slots=host_ints_to(slots, device),
             positions=positions,
             seq_lens=seq_lens,
             prefill_start=starts[0] if prefill else None,
@@ -795,7 +796,9 @@ def graph_blocker(model: nn.Module) -> str | None:
 def decode_ids(token_ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """One decode step's input ids as [B, 1]: built from host ints, or a view of ids already
     sampled on the device."""
-    return torch.as_tensor(token_ids, device=device).reshape(-1, 1)
+    if not isinstance(token_ids, torch.Tensor):
+        token_ids = host_ints_to(token_ids, device)
+    return token_ids.to(device).reshape(-1, 1)
 
 
 def placeholder_mask(ids: torch.Tensor) -> torch.Tensor:
