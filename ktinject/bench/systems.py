@@ -141,6 +141,10 @@ class Ktinject:
                 cuda_graph=self.cuda_graph,
                 compile=self.compile,
             )
+            # as `serve` does: every kernel variant and graph, so no later run compiles (on a
+            # GPU the first run's short prompt replays a graph, and a long prompt's eager
+            # prefill would otherwise compile inside a timed round)
+            self.engine.warm_up()
         logits, _ = self.engine.prefill(0, ids, reuse=False)
         sampled = self._greedy(logits[None])
         sampled[0].item()
