@@ -395,13 +395,21 @@ class Engine:
         stats.finish_reason = completion.finish_reason
 
     def shared_prefix(self, slot: int, token_ids: list[int]) -> int:
-        """How many leading `token_ids` the slot already holds."""
+        """How many leading `token_ids` the slot already holds. The server asks this of every
+        free slot per request, on its worker thread (which holds the GIL the HTTP side needs):
+        list slices compare in C, so the usual answer (the whole history matches) is one
+        comparison, a mismatch a binary search of them; element by element in Python a 4k-token
+        history took 0.14 ms per slot here."""
         cached = self.cached_tokens(slot)
         limit = min(len(cached), len(token_ids))
-        n = 0
-        while n < limit and cached[n] == token_ids[n]:
-            n += 1
-        return n
+        matched, bound = 0, limit  # the first `matched` agree; the answer is at most `bound`
+        while matched < bound:
+            middle = (matched + bound + 1) // 2
+            if cached[matched:middle] == token_ids[matched:middle]:
+                matched = middle
+            else:
+                bound = middle - 1
+        return matched
 
     # -- internals ------------------------------------------------------------------------------
 

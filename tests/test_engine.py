@@ -4,6 +4,7 @@ streaming text."""
 from __future__ import annotations
 
 import copy
+import functools
 from unittest import mock
 
 import pytest
@@ -413,3 +414,29 @@ def test_top_p_from_a_partial_sort_equals_the_full_sort(
         keep = order[row][before[row] < top_p]
         expected[row, keep] = scores[row, keep]
     assert torch.equal(top_p_filter(scores, top_p), expected)
+
+
+@functools.cache
+def bookkeeping_engine() -> Engine:
+    """An engine (dynamic cache) whose token lists tests set directly."""
+    return Engine(tiny_model("llama"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    common=st.lists(st.integers(0, 3), max_size=40),
+    cached_tail=st.lists(st.integers(0, 3), max_size=10),
+    prompt_tail=st.lists(st.integers(0, 3), max_size=10),
+)
+def test_shared_prefix_is_the_longest_common_start(
+    common: list[int], cached_tail: list[int], prompt_tail: list[int]
+) -> None:
+    engine = bookkeeping_engine()
+    engine.dynamic_tokens[0] = [*common, *cached_tail]
+    prompt = [*common, *prompt_tail]
+    expected = 0
+    while expected < min(len(prompt), len(engine.dynamic_tokens[0])) and (
+        prompt[expected] == engine.dynamic_tokens[0][expected]
+    ):
+        expected += 1
+    assert engine.shared_prefix(0, prompt) == expected
