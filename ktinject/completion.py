@@ -77,22 +77,23 @@ def sample_rows(completions: list[Completion], logits: torch.Tensor) -> torch.Te
     on a GPU, so a step of 8 rows sampled one by one cost about as much host time as the decode
     step itself. A seeded row keeps its own generator, so its draws never depend on which other
     requests share the step."""
-    tokens: torch.Tensor | None = None
+    seeded: list[int] = []
     together: dict[tuple[float, float, int], list[int]] = {}
     for row, completion in enumerate(completions):
         params = completion.params
         if params.greedy:
             continue
         if completion.generator is not None:
-            tokens = logits.argmax(dim=-1) if tokens is None else tokens
-            tokens[row] = completion.sample_on_device(logits[row])[0]
+            seeded.append(row)
         else:
             together.setdefault((params.temperature, params.top_p, params.top_k), []).append(row)
+    if not seeded and [len(rows) for rows in together.values()] == [len(completions)]:
+        return sample(logits, completions[0].params)  # every row alike: no argmax needed
+    tokens = logits.argmax(dim=-1)
+    for row in seeded:
+        tokens[row] = completions[row].sample_on_device(logits[row])[0]
     for rows in together.values():
-        params = completions[rows[0]].params
-        if len(rows) == len(completions):
-            return sample(logits, params)
-        tokens = logits.argmax(dim=-1) if tokens is None else tokens
         index = host_ints_to(rows, logits.device)
-        tokens.index_copy_(0, index, sample(logits.index_select(0, index), params))
-    return logits.argmax(dim=-1) if tokens is None else tokens
+        sampled = sample(logits.index_select(0, index), completions[rows[0]].params)
+        tokens.index_copy_(0, index, sampled)
+    return tokens
