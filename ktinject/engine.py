@@ -38,7 +38,6 @@ from ktinject.devices import host_ints_to
 from ktinject.errors import ContextLengthError, KtinjectError
 from ktinject.placement import model_devices
 from ktinject.sampling import SamplingParams
-from operators.experts import GatheredExperts
 from operators.layer import FusedResidualDecoderLayer
 from operators.triton.gemv import MAX_ROWS, fused_gemv_pinned, prefer_fused_gemv
 
@@ -136,9 +135,8 @@ class Engine:
         self.dynamic_tokens: list[list[int]] = [[] for _ in range(num_slots)]
         self.graphs: dict[int, _DecodeGraph] = {}
         self.prefill_graphs: dict[int, _DecodeGraph] = {}  # rows -> plain decode graph
-        # gathered experts copy each row's experts' weights: memory grows with the rows
         self.prefill_graphs_allowed = not any(
-            isinstance(m, GatheredExperts) for m in model.modules()
+            getattr(m, "memory_grows_with_rows", False) for m in model.modules()
         )
         self.graph_pool: Any = None
         self.capture_s = 0.0

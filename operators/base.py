@@ -16,10 +16,15 @@ class Operator(nn.Module):
     then decodes eagerly and says why. None: it can be.
 
     `places_inputs`: the operator takes inputs from any device and returns its output on theirs
-    itself, so `ktinject.placement` installs no device hook on it."""
+    itself, so `ktinject.placement` installs no device hook on it.
+
+    `memory_grows_with_rows`: a captured step of this operator holds memory per row beyond its
+    activations (e.g. copies of each row's weights), so the engine never replays a prefill chunk
+    as a decode step of many rows (`Engine._prefill_rows`) in a model that has it."""
 
     not_capturable: str | None = None
     places_inputs: bool = False
+    memory_grows_with_rows: bool = False
 
     @classmethod
     def from_module(

@@ -91,6 +91,8 @@ class GatheredExperts(Operator):
     """Drop-in for Hugging Face's fused 3-D experts modules; same forward signature
     `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`."""
 
+    memory_grows_with_rows = True  # inside a capture each row gathers its k experts' weights
+
     def __init__(
         self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, act_fn: nn.Module
     ) -> None:
