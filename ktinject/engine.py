@@ -323,13 +323,13 @@ class Engine:
         (a first request otherwise paid ~0.8 s of compilation on an H200). Where short chunks
         replay decode graphs (`_prefill_rows`), each of those is captured too, and chunks just
         past the largest of them compile the eager prefill's variants."""
-        lengths = [2, 16]
+        lengths = {2, 16}
         if self.cuda_graph and self.prefill_graphs_allowed:
             top = PREFILL_GRAPH_ROWS[-1]
-            lengths += [*PREFILL_GRAPH_ROWS, top + 2, top + 16]
+            lengths |= {*PREFILL_GRAPH_ROWS, top + 2, top + 16}
         try:
             limit = self.fixed_cache_lens or DEFAULT_CHUNK_SIZE
-            for length in (n for n in lengths if n < limit):
+            for length in sorted(n for n in lengths if n < limit):
                 self.prefill(0, [0] * length, reuse=False)
             for batch in range(1, self.num_slots + 1):
                 self.decode(list(range(batch)), [0] * batch)
