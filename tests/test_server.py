@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_models import tiny_model
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
@@ -416,6 +418,22 @@ def test_metrics_parse_as_prometheus_text(client, url):
 def test_models_and_health(client, url):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_background_server_connections_send_without_waiting_for_acks():
+    """Each response is written as headers, then body (an SSE stream chunk by chunk); with
+    Nagle's algorithm on, the second write waited ~40 ms for the client's delayed ack."""
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict:
+        return {"ok": True}
+
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url) as http:
+        assert http.get("/ping").json() == {"ok": True}
+        (connection,) = server.server.server_state.connections
+        accepted = connection.transport.get_extra_info("socket")
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 # -- command line --------------------------------------------------------------------------------
