@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ktinject.engine import Engine, GenerationStats
+from ktinject.prompt_tokens import PromptTokenizer
 from ktinject.sampling import SamplingParams
 
 
@@ -44,6 +45,7 @@ class ChatSession:
     def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.prompts = PromptTokenizer(self.tokenizer, capacity=1)  # each turn extends the last
         self.params = params
         self.system = system
         self.messages: list[dict[str, str]] = []
@@ -69,7 +71,7 @@ class ChatSession:
         Raises `ContextLengthError` (before any compute) when the turn cannot fit; the
         conversation is then unchanged."""
         messages = [*self.messages, {"role": "user", "content": user_text}]
-        prompt = chat_prompt_ids(self.tokenizer, messages)
+        prompt = self.prompts.chat_ids(messages)
         generation = self.engine.generate(prompt, self.params, reuse=self.keeps_cache)
         yield from generation
         self.messages = [*messages, {"role": "assistant", "content": generation.text}]

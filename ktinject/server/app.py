@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ktinject.engine import Engine
+from ktinject.prompt_tokens import PromptTokenizer
 from ktinject.server.auth import APIKeyMiddleware
 from ktinject.server.config import ServeConfig
 from ktinject.server.errors import install_error_handlers
@@ -37,6 +38,8 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig | None = None
     metrics = ServerMetrics(engine.num_slots)
     scheduler = Scheduler(engine, metrics, prefix_reuse=config.prefix_reuse)
     handler = Handler(engine, tokenizer, scheduler, metrics, config)
+    # the conversations that may hold a slot, and as many more that may come back to one
+    prompts = PromptTokenizer(tokenizer, capacity=2 * engine.num_slots)
     started = int(time.time())
 
     @asynccontextmanager
@@ -69,7 +72,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig | None = None
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await handler.handle(
-            request, body, CHAT, lambda: chat_prompt(tokenizer, body.messages)
+            request, body, CHAT, lambda: chat_prompt(prompts, body.messages)
         )
 
     @app.post("/v1/completions")

@@ -1,5 +1,6 @@
-"""Request bodies to prompt token ids: chat messages through the model's chat template, plain
-completions through the tokenizer (with its special tokens, e.g. BOS, as `generate` would)."""
+"""Request bodies to prompt token ids: chat messages through the model's chat template (reusing
+the ids of a recent prompt that shares the history), plain completions through the tokenizer
+(with its special tokens, e.g. BOS, as `generate` would)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from ktinject.chat import chat_prompt_ids
+from ktinject.prompt_tokens import PromptTokenizer
 from ktinject.server.errors import RequestError
 from ktinject.server.schemas import ChatMessage
 
 
-def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+def chat_prompt(prompts: PromptTokenizer, messages: list[ChatMessage]) -> list[int]:
     plain = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        return chat_prompt_ids(tokenizer, plain)
+        return prompts.chat_ids(plain)
     except (ValueError, TemplateError) as exc:
         raise RequestError(
             f"The model's chat template cannot render these messages ({exc}); fix the messages "
