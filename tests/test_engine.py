@@ -15,7 +15,7 @@ from tiny_models import tiny_model
 
 from ktinject import optimize
 from ktinject.cache import local_cache_lens
-from ktinject.detokenize import StreamDecoder
+from ktinject.detokenize import CLEAN_UP_PROBE, StreamDecoder
 from ktinject.engine import Engine
 from ktinject.errors import ContextLengthError, KtinjectError
 from ktinject.sampling import SamplingParams, draw, sample, top_p_filter
@@ -280,6 +280,46 @@ def test_stream_decoder_never_splits_multibyte_characters(smollm2) -> None:
     pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
+
+
+@settings(max_examples=60)
+@given(text=st.text(max_size=40), specials=st.lists(st.integers(0, 40), max_size=3))
+def test_stream_decoder_gives_decode_text_in_rust_and_in_python(smollm2, text, specials) -> None:
+    """The Rust stream (fast tokenizers) and the Python window give `decode`'s whole text, with
+    special tokens skipped, and never a piece ending in half a character."""
+    tokenizer = smollm2.tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for at in specials:
+        ids.insert(min(at, len(ids)), 2)  # <|im_end|>
+    expected = tokenizer.decode(ids, skip_special_tokens=True)
+    rust, python = StreamDecoder(tokenizer), StreamDecoder(tokenizer)
+    python.stream = None
+    assert rust.stream is not None
+    for decoder in (rust, python):
+        pieces = [decoder.push(i) for i in ids]
+        assert all(not piece.endswith("\ufffd") for piece in pieces) or "\ufffd" in expected
+        assert "".join(pieces) + decoder.flush() == expected
+
+
+@pytest.mark.parametrize("clean_up", [True, False])
+def test_stream_decoder_leaves_a_decode_that_cleans_up_spaces_to_python(clean_up) -> None:
+    """transformers rewrites " ." to "." after a word-level model's decode when asked to; the
+    Rust stream would not, so such a tokenizer keeps the Python window."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", *CLEAN_UP_PROBE.split()]
+    model = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=model, unk_token="<unk>", clean_up_tokenization_spaces=clean_up
+    )
+    decoder = StreamDecoder(tokenizer)
+    assert (decoder.stream is None) == clean_up
+    ids = tokenizer("a . b ? c", add_special_tokens=False)["input_ids"]
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) + decoder.flush() == tokenizer.decode(ids)
 
 
 def test_engine_rejects_bad_sizes(patched) -> None:
