@@ -65,9 +65,9 @@ class PromptTokenizer:
         }
         # An added token that starts before a cut must not reach past what both texts share.
         self.margin = max((len(token.content) for token in added.values()), default=0)
-        self.incremental = bool(self.boundaries)
+        self.incremental = bool(self.boundaries)  # the probe runs `encode` in this mode
         self.incremental = self.incremental and self._splits_at_boundaries()
-        self.recent.clear()
+        self.recent.clear()  # the probe's texts
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Ids of `messages` in the chat template, ending with the assistant's cue: the ids
