@@ -646,6 +646,10 @@ class CompiledDecode:
                 torch._dynamo.mark_dynamic(buffer, 2)
             self.marked = cache
         ids = decode_ids(token_ids, device)
+        if not ids.is_inference():
+            # ids sampled outside inference mode (generation) carry a dispatch key that host ids
+            # (warm_up) lack; dynamo guards on it and would compile the step a second time
+            ids = ids.clone()
         at = torch.tensor(positions, device=device)[:, None]
         rows = torch.tensor(slots, device=device)
         window = torch.empty(max(positions) + 1, dtype=torch.uint8)  # its length is the bound
