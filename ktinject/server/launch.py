@@ -216,6 +216,12 @@ def run_serve(args: argparse.Namespace) -> int:
         f"{engine.cache_lens:,} tokens; OpenAI API at http://{options.host}:{options.port}/v1",
         file=sys.stderr,
     )
+    if engine.compiled is not None:  # the port opens only after warm-up: say why it waits
+        print(
+            "ktinject: compiling the decode step before serving (the first time up to a minute "
+            "for one row and as much for several; inductor keeps the kernels on disk)...",
+            file=sys.stderr,
+        )
     uvicorn.run(app, host=options.host, port=options.port, log_level="info")
     return 0
 
