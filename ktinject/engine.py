@@ -181,18 +181,22 @@ class Engine:
         return self.cache.tokens[slot] if self.cache is not None else self.dynamic_tokens[slot]
 
     def _allocate(self, cache_lens: int) -> None:
-        """(Re)allocate the static cache; a larger one keeps what the old one held."""
+        """(Re)allocate the static cache; a larger one keeps what the old one held. Always as
+        plain tensors, whichever mode the caller runs in (local mode grows the cache from
+        `generate` or from inside `prefill`): the compiled decode step guards on that mode and
+        would compile again for a cache allocated in the other one."""
         old, self.cache = self.cache, None
         self.graphs.clear()
         self.prefill_graphs.clear()
-        self.cache = StaticKVCache(
-            self.specs,
-            num_slots=self.num_slots,
-            cache_lens=cache_lens,
-            max_rows=PREFILL_GRAPH_ROWS[-1] if self.cuda_graph else None,
-        )
-        if old is not None:
-            self.cache.copy_from(old)
+        with torch.inference_mode(False):
+            self.cache = StaticKVCache(
+                self.specs,
+                num_slots=self.num_slots,
+                cache_lens=cache_lens,
+                max_rows=PREFILL_GRAPH_ROWS[-1] if self.cuda_graph else None,
+            )
+            if old is not None:
+                self.cache.copy_from(old)
 
     # -- context checks -------------------------------------------------------------------------
 

@@ -141,6 +141,9 @@ def test_compiled_decode_compiles_once_for_warm_up_and_generation(patched, monke
     engine.warm_up()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     assert len(greedy(engine, PROMPT, 4)) == 4
+    # a longer prompt grows the local cache (from inside `generate`, warm-up's from `prefill`)
+    assert len(greedy(engine, [i % 200 + 1 for i in range(300)], 4)) == 4
+    assert engine.cache.cache_lens == 512
 
 
 def test_max_new_tokens_finishes_with_length(patched) -> None:
