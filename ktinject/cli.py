@@ -125,7 +125,9 @@ def load_for(args: argparse.Namespace, model: str | None) -> Any:
     return loaded
 
 
-def build_engine(args: argparse.Namespace, loaded: Any) -> Any:
+def build_engine(args: argparse.Namespace, loaded: Any, *, prompt_tokens: int | None = None) -> Any:
+    """The engine for `run` / `chat`; `prompt_tokens` (run): size a local-mode cache for that
+    prompt before warming up, so the step is not compiled again for a larger cache."""
     from ktinject.engine import Engine
 
     engine = Engine(
@@ -138,6 +140,8 @@ def build_engine(args: argparse.Namespace, loaded: Any) -> Any:
     )
     for note in engine.notes():
         print(f"note: {note}", file=sys.stderr)
+    if prompt_tokens is not None:
+        engine.reserve(prompt_tokens, args.max_new_tokens)
     if engine.compiled is not None:  # compile now, so the status line times generation only
         print("compiling the decode step (torch.compile)...", end="", file=sys.stderr, flush=True)
         engine.warm_up()
@@ -155,6 +159,8 @@ def status_line(stats: Any, cache: tuple[int, int | None] | None = None) -> str:
     ]
     if cache is not None and cache[1] is not None:
         parts.append(f"cache {cache[0]:,}/{cache[1]:,}")
+    if stats.setup_s >= 0.05:
+        parts.append(f"warm-up {stats.setup_s:.1f} s, not in the rates")
     return "[" + " · ".join(parts) + "]"
 
 
@@ -172,13 +178,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         (args.words[0], args.words[1]) if len(args.words) == 2 else (None, args.words[0])
     )
     loaded = load_for(args, model)
-    engine = build_engine(args, loaded)
     tokenizer = loaded.tokenizer
     if args.raw or not getattr(tokenizer, "chat_template", None):
         ids = tokenizer(prompt)["input_ids"]
     else:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         ids = chat_prompt_ids(tokenizer, [*messages, {"role": "user", "content": prompt}])
+    engine = build_engine(args, loaded, prompt_tokens=len(ids))
     generation = engine.generate(ids, sampling_params(args))
     for piece in generation:
         sys.stdout.write(piece)

@@ -146,6 +146,21 @@ def test_compiled_decode_compiles_once_for_warm_up_and_generation(patched, monke
     assert engine.cache.cache_lens == 512
 
 
+def test_compiling_during_a_generation_is_kept_out_of_its_rates(patched) -> None:
+    """One-time work a generation pays (compiling the step here; on a GPU capturing its graph)
+    is reported apart: the rates say how fast the model runs (`ktinject run` on an H200 would
+    otherwise show ~1 s of capture as a decode rate of ~100 tok/s)."""
+    from ktinject.cli import status_line
+
+    engine = Engine(patched, compile=True)  # no warm-up: the first decode step compiles
+    generation = engine.generate(PROMPT, SamplingParams(max_new_tokens=4))
+    generation.result()
+    stats = generation.stats
+    assert stats.setup_s == pytest.approx(engine.compiled.compile_s)
+    assert 0 < stats.decode_s < stats.setup_s
+    assert f"warm-up {stats.setup_s:.1f} s, not in the rates" in status_line(stats)
+
+
 def test_max_new_tokens_finishes_with_length(patched) -> None:
     generation = Engine(patched).generate(PROMPT, SamplingParams(max_new_tokens=3))
     generation.result()
