@@ -132,17 +132,18 @@ def test_compiled_decode_follows_a_growing_local_cache(patched) -> None:
     assert compiled.cache.cache_lens == 512
 
 
-def test_compiled_decode_compiles_once_for_warm_up_and_generation(patched, monkeypatch) -> None:
+def test_compiled_decode_compiles_once_for_warm_up_and_generation(patched) -> None:
     """warm_up compiles the step from host ids; generation feeds ids sampled on the device
     outside inference mode. A guard on that difference recompiled the step at the first
     generated token: `ktinject run --compile` spent the ~10 s of a second compile inside its
     decode time and reported 3.6 tok/s for a ~100 tok/s step (2-core EPYC, 2026-11-29)."""
     engine = Engine(patched, compile=True)
     engine.warm_up()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    assert len(greedy(engine, PROMPT, 4)) == 4
-    # a longer prompt grows the local cache (from inside `generate`, warm-up's from `prefill`)
-    assert len(greedy(engine, [i % 200 + 1 for i in range(300)], 4)) == 4
+    # (config.patch: monkeypatch would delete the option on undo, breaking later compiles)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert len(greedy(engine, PROMPT, 4)) == 4
+        # a longer prompt grows the local cache (from `generate`; warm-up's from `prefill`)
+        assert len(greedy(engine, [i % 200 + 1 for i in range(300)], 4)) == 4
     assert engine.cache.cache_lens == 512
 
 
