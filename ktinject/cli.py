@@ -126,8 +126,9 @@ def load_for(args: argparse.Namespace, model: str | None) -> Any:
 
 
 def build_engine(args: argparse.Namespace, loaded: Any, *, prompt_tokens: int | None = None) -> Any:
-    """The engine for `run` / `chat`; `prompt_tokens` (run): size a local-mode cache for that
-    prompt before warming up, so the step is not compiled again for a larger cache."""
+    """The engine for `run` / `chat`. `prompt_tokens` (run): check that prompt and size a
+    local-mode cache for it before warming up, so a prompt that cannot fit is refused before
+    `--compile` spends up to a minute compiling."""
     from ktinject.engine import Engine
 
     engine = Engine(

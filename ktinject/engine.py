@@ -380,12 +380,12 @@ class Engine:
             params, tokenizer=self.tokenizer, eos_ids=self.eos_ids, device=self.device
         )
         generation.token_ids = completion.token_ids
-        setup = self.setup_s
+        setup_before = self.setup_s
         started = time.perf_counter()
         logits, stats.cached_tokens = self.prefill(slot, prompt_ids, reuse=reuse)
         sampled = completion.sample_on_device(logits)
         sampled[0].item()  # time to first token includes its sampling
-        stats.setup_s, setup = self.setup_s - setup, self.setup_s
+        stats.setup_s = self.setup_s - setup_before
         stats.prefill_s = time.perf_counter() - started - stats.setup_s
         decode_started = time.perf_counter()
         while True:
@@ -403,7 +403,7 @@ class Engine:
             if completion.finish_reason is not None or logits is None:
                 break
             sampled = completion.sample_on_device(logits[0])
-        decode_setup = self.setup_s - setup
+        decode_setup = self.setup_s - setup_before - stats.setup_s
         stats.setup_s += decode_setup
         stats.decode_s = time.perf_counter() - decode_started - decode_setup
         stats.finish_reason = completion.finish_reason
