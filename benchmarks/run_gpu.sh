@@ -68,7 +68,8 @@ step server 100 bash -c "python3 benchmarks/random_weights.py .gpu-assets/smollm
     --stream-tokens 64 --out $OUT/server.json"
 
 # both decode graphs the engine chooses between (separate kernels / fused Triton projections and
-# attention), kernel by kernel, for the next round of speed work
+# attention), and prefills of 128 and 4,096 tokens, kernel by kernel, for the next round of speed
+# work (SmolLM2's 4k prefill ran at 0.85x HF eager on 2026-11-27)
 step profile-smollm2 60 python3 benchmarks/profile_decode.py --shape smollm2-135m \
     --dtype bfloat16 --top 12
 
