@@ -136,7 +136,7 @@ def test_compiled_decode_compiles_once_for_warm_up_and_generation(patched) -> No
     """warm_up compiles the step from host ids; generation feeds ids sampled on the device
     outside inference mode. A guard on that difference recompiled the step at the first
     generated token: `ktinject run --compile` spent the ~10 s of a second compile inside its
-    decode time and reported 3.6 tok/s for a ~100 tok/s step (2-core EPYC, 2026-11-29)."""
+    decode time and reported 3.6 tok/s instead of ~73 (Q4 rules, 2-core EPYC, 2026-11-29)."""
     engine = Engine(patched, compile=True)
     engine.warm_up()
     # (config.patch: monkeypatch would delete the option on undo, breaking later compiles)
