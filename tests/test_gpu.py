@@ -204,3 +204,16 @@ def test_norms_on_the_cpu_inside_gpu_layers_give_hf_tokens() -> None:
     patched, _ = optimize(copy.deepcopy(reference), rules, strict=True)
     assert patched.model.layers[0].input_layernorm.weight.device.type == "cpu"
     assert greedy(Engine(patched), PROMPT, 16) == out[0, len(PROMPT) :].tolist()
+
+
+def test_graph_capture_during_a_generation_is_kept_out_of_its_rates() -> None:
+    """`ktinject run` does not warm up on a GPU: its first decode step captures the graphs,
+    which the status line reports apart from the decode rate (GenerationStats.setup_s)."""
+    _, patched = models("llama")
+    engine = Engine(patched)
+    generation = engine.generate(PROMPT, SamplingParams(max_new_tokens=8))
+    generation.result()
+    stats = generation.stats
+    assert engine.capture_s > 0
+    assert stats.setup_s == pytest.approx(engine.capture_s)
+    assert stats.decode_s > 0
