@@ -4,8 +4,8 @@ For planning speed work, not a benchmark (no baseline): builds a random-weight s
 with the family's rule file, prefills a prompt, then profiles `--steps` decode steps (CUDA-graph
 replays on GPU) with torch.profiler and prints a warm prefill's wall and GPU time with its
 costliest host ops and kernels (at --prompt-len and at each of --prefill-lens), then, for each
-decode graph the engine can keep (separate kernels, norms
-folded into the projections; `--paths`) and for the one it chooses:
+decode graph the engine can keep (separate kernels, norms folded into the projections;
+`--paths`) and for the one it chooses:
 - wall ms per step, as `Engine.generate` runs it (decode_sampled: the sampled token is fed on
   the device and read while the next step runs),
 - GPU kernels per step and GPU ms per step,
