@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import random
 import socket
 import time
 import warnings
@@ -293,6 +294,72 @@ def test_eight_concurrent_streams_equal_their_sequential_outputs(url, tokenizer,
     wait_for_metric(url, "ktinject_kv_slots_in_use", 0)
     batched = metric(url, "ktinject_decode_batch_size_sum") - batches
     assert batched / (metric(url, "ktinject_decode_batch_size_count") - steps) > 2
+
+
+def test_a_mixed_crowd_over_the_slots_gets_exact_answers_and_leaks_nothing(
+    url, tokenizer, reference
+):
+    """Three times more requests than slots, sent at once and of every kind (chat, streamed chat,
+    stop strings, completions, two-turn conversations sharing a system prompt, prompts over the
+    cache, clients that hang up): each greedy answer equals the single-sequence engine's."""
+    rng = random.Random(0)
+    system = {"role": "system", "content": "a system prompt every conversation shares"}
+    kinds = ["chat", "stream", "stop", "completion", "two turns", "too long", "hang up"]
+    jobs = []  # (kind, prompt text, max_tokens, messages, expected answers), computed up front
+    for i in range(3 * SLOTS):
+        kind, n = kinds[i % len(kinds)], rng.randint(1, 30)
+        text = f"crowd {i} " + "abcdef"[i % 6] * rng.randint(1, 50)
+        messages = [system, *user(text)]
+        expected = [reference(chat_prompt_ids(tokenizer, messages), n)]
+        if kind == "completion":
+            expected = [reference(tokenizer(text)["input_ids"], n)]
+        elif kind == "two turns":
+            follow_up = [*messages, {"role": "assistant", "content": expected[0]}, *user("and?")]
+            expected.append(reference(chat_prompt_ids(tokenizer, follow_up), n))
+        jobs.append((kind, text, n, messages, expected))
+
+    async def answer(client, messages, n, **kwargs) -> str:
+        response = await client.chat.completions.create(
+            model="t", messages=messages, max_tokens=n, temperature=0, **kwargs
+        )
+        if not kwargs.get("stream"):
+            return response.choices[0].message.content
+        return "".join([c.choices[0].delta.content or "" async for c in response])
+
+    async def one(client, kind, text, n, messages, expected) -> None:
+        if kind in ("chat", "stream"):
+            assert await answer(client, messages, n, stream=kind == "stream") == expected[0]
+        elif kind == "stop":
+            stop = expected[0][2:4] or "never"
+            cut = expected[0].find(stop) if stop in expected[0] else len(expected[0])
+            assert await answer(client, messages, n, stop=stop) == expected[0][:cut]
+        elif kind == "completion":
+            response = await client.completions.create(
+                model="t", prompt=text, max_tokens=n, temperature=0
+            )
+            assert response.choices[0].text == expected[0]
+        elif kind == "two turns":
+            assert await answer(client, messages, n) == expected[0]
+            messages = [*messages, {"role": "assistant", "content": expected[0]}, *user("and?")]
+            assert await answer(client, messages, n) == expected[1]
+        elif kind == "too long":
+            with pytest.raises(openai.BadRequestError, match="--cache-lens"):
+                await answer(client, user("x" * CACHE_LENS), n)
+        else:
+            body = {"messages": messages, "max_tokens": 100, "stream": True, "ignore_eos": True}
+            async with (
+                httpx.AsyncClient(base_url=url) as http,
+                http.stream("POST", "/v1/chat/completions", json=body) as response,
+            ):
+                assert (await anext(response.aiter_lines())).startswith("data: ")
+
+    async def crowd() -> None:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0) as client:
+            await asyncio.gather(*(one(client, *job) for job in jobs))
+
+    asyncio.run(crowd())
+    wait_for_metric(url, "ktinject_kv_slots_in_use", 0)
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
 
 
 def test_compiled_server_streams_equal_their_sequential_outputs(model, tokenizer, reference):
