@@ -10,11 +10,13 @@ dequantized values equal the fp32 weights bit for bit (tests/test_linear.py prov
 own quantizer); only the order of the float sums differs from a matmul. Any other weight is
 quantized the way llama.cpp does it (lossy).
 
-Decode wants one pass over the packed bytes: single rows take `block_gemv`, an expression
-inductor turns into one vectorized loop that unpacks, scales and accumulates in registers. Inside
-the engine's compiled decode step (`--compile`) it fuses with its neighbours; called eagerly it is
-compiled on its own per weight shape. More rows (prefill) dequantize the weight (also a compiled
-kernel) and multiply with `F.linear`.
+Decode wants one pass over the packed bytes. On a CPU a decode batch (up to NATIVE_ROWS rows)
+takes the C kernel of `operators.native`, which unpacks each block once for all rows; a compiled
+decode step (`--compile`) calls it as the torch op `ktinject::block_matmul`. Elsewhere, or where
+no C compiler builds it, up to GEMV_ROWS rows take `block_gemv`, an expression inductor turns into
+one vectorized loop that unpacks, scales and accumulates in registers (inside a compiled decode
+step it fuses with its neighbours; called eagerly it is compiled on its own per weight shape).
+More rows (prefill) dequantize the weight (also a compiled kernel) and multiply with `F.linear`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ktinject.compiling import own_copy
+from operators import native
 from operators.base import Operator
 
 log = logging.getLogger(__name__)
 
 BLOCK = 32
 GEMV_ROWS = 8  # at most this many rows (a decode batch) take the fused GEMV in a compiled graph
+# at most this many rows take the C kernel on a CPU: past ~56 rows dequantizing once and an fp32
+# matmul win (SmolLM2-135M's shapes, 2-core AVX-512 EPYC, 2026-11-29)
+NATIVE_ROWS = 48
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,28 @@ def kernel(fn: Callable[..., torch.Tensor], shape: tuple[Any, ...]) -> Callable[
     return fn if torch.compiler.is_compiling() else _compiled(fn, shape)
 
 
+@torch.library.custom_op("ktinject::block_matmul", mutates_args=())
+def native_block_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
+) -> torch.Tensor:
+    """`operators.native.block_matmul` as a torch op, so a compiled decode step calls it
+    without a graph break."""
+    return native.block_matmul(x, packed, scales, mins)
+
+
+@native_block_matmul.register_fake
+def _(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+@torch.compiler.assume_constant_result
+def native_available() -> bool:
+    """Whether the C kernels are built (decided once; a compiled graph bakes the answer in)."""
+    return native.library() is not None
+
+
 def block_linear(
     x: torch.Tensor,
     blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
@@ -171,15 +199,21 @@ def block_linear(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """`x [..., K] @ W.T` for the weight W [N, K] that `blocks` (packed, scales, mins) stand
-    for, computed and returned in `dtype`. Up to GEMV_ROWS rows stream the packed bytes (one
-    compiled GEMV per row when called eagerly: a kernel per row count would be compiled
-    otherwise, and dynamo keeps at most 8 per function; all rows at once inside a graph being
-    compiled, where it fuses); more rows dequantize W once and multiply."""
+    for, computed and returned in `dtype`. On a CPU up to NATIVE_ROWS rows take the C kernel
+    (`operators.native`). Elsewhere, or without a C compiler, up to GEMV_ROWS rows stream the
+    packed bytes (one compiled GEMV per row when called eagerly: a kernel per row count would
+    be compiled otherwise, and dynamo keeps at most 8 per function; all rows at once inside a
+    graph being compiled, where it fuses). More rows dequantize W once and multiply."""
     packed, scales, mins = blocks
     in_features = packed.shape[1] * BLOCK
     out_features = packed.shape[0]
     rows = x.numel() // in_features
     shape = (out_features, in_features, fmt.name, packed.device)
+    if packed.device.type == "cpu" and rows <= NATIVE_ROWS and native_available():
+        # the op's dispatch costs ~10 us a call, which only a graph being compiled needs
+        matmul = native_block_matmul if torch.compiler.is_compiling() else native.block_matmul
+        out = matmul(x.reshape(rows, in_features).float(), packed, scales, mins)
+        return out.to(dtype).reshape(*x.shape[:-1], out_features)
     if rows <= GEMV_ROWS:
         flat = x.reshape(rows, in_features).float()
         gemv = kernel(block_gemv, shape)

@@ -25,11 +25,14 @@ from test_equivalence import assert_logits_close, engine_greedy, hf_greedy
 from tiny_models import tiny_model
 from torch import nn
 
+import operators.linear
 from ktinject import optimize
 from ktinject.engine import Engine
 from ktinject.errors import RuleError
+from operators import native
 from operators.linear import (
     FORMATS,
+    NATIVE_ROWS,
     BlockQuantLinear,
     _compiled,
     block_gemv,
@@ -114,15 +117,61 @@ def block_linear(fmt: str) -> tuple[nn.Linear, BlockQuantLinear]:
     return linear, quantized(linear, fmt)
 
 
+@pytest.fixture(params=[True, False], ids=["C kernel", "torch"])
+def with_native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both CPU paths: the C kernel for a few rows, and the torch one used without a compiler."""
+    if request.param and native.library() is None:
+        pytest.skip("no C compiler here to build operators/native")
+    monkeypatch.setattr(operators.linear, "native_available", lambda: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-@pytest.mark.parametrize("rows", [1, 3, 9])
-def test_operator_matches_linear(fmt: str, rows: int) -> None:
-    """Up to GEMV_ROWS rows take the compiled GEMV kernel (one call per row); more rows
-    dequantize (compiled) and multiply."""
+@pytest.mark.parametrize("rows", [1, 3, 9, NATIVE_ROWS + 1])
+def test_operator_matches_linear(fmt: str, rows: int, with_native: bool) -> None:
+    """Up to NATIVE_ROWS rows take the C kernel; without it, up to GEMV_ROWS rows take the
+    compiled GEMV kernel (one call per row). More rows dequantize (compiled) and multiply."""
     linear, operator = block_linear(fmt)
     x = torch.randn(rows, 1, 64)
     expected = F.linear(x, linear.weight, linear.bias)
     torch.testing.assert_close(operator(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@given(
+    fmt=st.sampled_from(sorted(FORMATS)),
+    rows=st.integers(1, NATIVE_ROWS),
+    blocks=st.integers(1, 6),
+    out_features=st.integers(1, 40),
+)
+def test_c_kernel_matches_the_dequantized_matmul(
+    fmt: str, rows: int, blocks: int, out_features: int
+) -> None:
+    """Every row count (tiles of 8, 4, 2 and 1 rows), odd output counts, both formats."""
+    if native.library() is None:
+        pytest.skip("no C compiler here to build operators/native")
+    weight = torch.randn(out_features, 32 * blocks)
+    packed, scales, mins = quantize_blocks(weight, FORMATS[fmt])
+    x = torch.randn(rows, 32 * blocks)
+    expected = x @ dequantize(packed, scales, mins, FORMATS[fmt]).T
+    out = native.block_matmul(x, packed, scales, mins)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_c_compiler_the_torch_path_runs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path
+) -> None:
+    """No compiler: one warning, then the torch path's (same) results."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("KTINJECT_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "library", functools.cache(native.library.__wrapped__))
+    with caplog.at_level(logging.WARNING, logger="operators.native"):
+        assert native.library() is None and native.library() is None
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "slower torch path" in warnings[0]
+    linear, operator = block_linear("q4_1")
+    monkeypatch.setattr(operators.linear, "native_available", lambda: native.library() is not None)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(operator(x), F.linear(x, linear.weight, linear.bias))
 
 
 def test_a_kernel_that_cannot_compile_runs_eagerly(
@@ -130,7 +179,7 @@ def test_a_kernel_that_cannot_compile_runs_eagerly(
 ) -> None:
     """Without a C++ compiler inductor fails on a CPU: one warning, then the same results from
     the eager expression."""
-    import operators.linear
+    monkeypatch.setattr(operators.linear, "native_available", lambda: False)
 
     def broken(fn, **kwargs):
         def compiled(*args):

@@ -25,6 +25,20 @@ def test_every_package_is_listed_for_the_wheel() -> None:
     assert found <= listed, f"add {sorted(found - listed)} to pyproject.toml's packages"
 
 
+def test_every_data_file_is_listed_for_the_wheel() -> None:
+    """Files beside the modules that read them (the C kernels' source) are left out of a wheel
+    unless `[tool.setuptools.package-data]` names them."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    data = setuptools["package-data"]
+    for init in (ROOT / "operators").rglob("__init__.py"):
+        package = ".".join(init.parent.relative_to(ROOT).parts)
+        for path in init.parent.iterdir():
+            if path.is_file() and path.suffix not in (".py", ".pyc"):
+                assert any(path.match(glob) for glob in data.get(package, [])), (
+                    f"add {path.name!r} to pyproject.toml's package-data for {package}"
+                )
+
+
 def test_operators_import_without_triton() -> None:
     """Triton is optional (the torch references serve CPUs, e.g. macOS): every operator module
     imports in a process where `import triton` fails."""

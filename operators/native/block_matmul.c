@@ -1,0 +1,117 @@
+/* x [M, K] (float32) times the transpose of a weight [N, K] kept in GGUF blocks of 32 weights
+ * (Q4_1 or Q8_0, laid out as in operators/linear.py), for the few rows of a decode batch.
+ *
+ * Each program unpacks a block once into float registers and multiplies it with up to 8 rows,
+ * so the unpacking is shared by the batch; inductor's loop for the same expression unpacks once
+ * per row (see operators/native/__init__.py for the numbers). The unpacked weight is exact: the
+ * product of a 4- or 8-bit integer and a float16 scale fits in a float32 mantissa, so d*q + m
+ * rounds once whether or not the compiler fuses it, exactly as dequantizing in numpy or torch.
+ * Only the order of the float sums differs from a matmul of the dequantized weight.
+ *
+ * GCC/Clang vector extensions keep it portable: 16 floats per vector, lowered to one AVX-512 or
+ * two AVX2 (or four NEON) registers by -march=native.
+ */
+#include <stdint.h>
+
+#define BLOCK 32
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint8_t vu8 __attribute__((vector_size(16)));
+typedef int8_t vi8 __attribute__((vector_size(16)));
+/* the same, for loads from any address (plain vector loads, no alignment assumed) */
+typedef float vf_any __attribute__((vector_size(64), aligned(1), may_alias));
+typedef uint8_t vu8_any __attribute__((vector_size(16), aligned(1), may_alias));
+typedef int8_t vi8_any __attribute__((vector_size(16), aligned(1), may_alias));
+
+static inline vf load(const float* p) { return *(const vf_any*)p; }
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+static inline float sum(vf v) { /* pairwise: 4 dependent adds, not 16 */
+    const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* The 32 weights of block b of one weight row, as two vectors of 16. */
+static inline void q4_1_block(const uint8_t* packed, const _Float16* scales, const _Float16* mins,
+                              int64_t b, vf* low, vf* high) {
+    const vu8 q = *(const vu8_any*)(packed + b * (BLOCK / 2));
+    const float d = (float)scales[b], m = (float)mins[b];
+    *low = __builtin_convertvector(__builtin_convertvector(q & 15, vi), vf) * d + m;
+    *high = __builtin_convertvector(__builtin_convertvector(q >> 4, vi), vf) * d + m;
+}
+
+static inline void q8_0_block(const int8_t* packed, const _Float16* scales, int64_t b, vf* low,
+                              vf* high) {
+    /* q + 128 as unsigned bytes: GCC widens unsigned bytes with one instruction but signed
+       ones byte by byte */
+    const vu8 u0 = (vu8) * (const vi8_any*)(packed + b * BLOCK) ^ 0x80;
+    const vu8 u1 = (vu8) * (const vi8_any*)(packed + b * BLOCK + 16) ^ 0x80;
+    const float d = (float)scales[b];
+    *low = __builtin_convertvector(__builtin_convertvector(u0, vi) - 128, vf) * d;
+    *high = __builtin_convertvector(__builtin_convertvector(u1, vi) - 128, vf) * d;
+}
+
+/* out[r * N] = x[r] . w for R rows of x and one weight row w (R known at compile time, so the
+ * accumulators stay in registers). */
+#define ROWS_KERNEL(FMT, R, UNPACK)                                                            \
+    static void FMT##_rows_##R(const float* x, int64_t K, const void* packed,                 \
+                               const _Float16* scales, const _Float16* mins, float* out,      \
+                               int64_t N) {                                                   \
+        vf low[R], high[R];                                                                   \
+        for (int r = 0; r < R; r++) low[r] = high[r] = (vf){0};                               \
+        for (int64_t b = 0; b < K / BLOCK; b++) {                                             \
+            vf wl, wh;                                                                        \
+            UNPACK;                                                                           \
+            for (int r = 0; r < R; r++) {                                                     \
+                low[r] += wl * load(x + r * K + b * BLOCK);                                   \
+                high[r] += wh * load(x + r * K + b * BLOCK + 16);                             \
+            }                                                                                 \
+        }                                                                                     \
+        for (int r = 0; r < R; r++) out[r * N] = sum(low[r] + high[r]);                       \
+        (void)mins;                                                                           \
+    }
+
+#define Q4_1 q4_1_block((const uint8_t*)packed, scales, mins, b, &wl, &wh)
+#define Q8_0 q8_0_block((const int8_t*)packed, scales, b, &wl, &wh)
+ROWS_KERNEL(q4_1, 1, Q4_1)
+ROWS_KERNEL(q4_1, 2, Q4_1)
+ROWS_KERNEL(q4_1, 4, Q4_1)
+ROWS_KERNEL(q4_1, 8, Q4_1)
+ROWS_KERNEL(q8_0, 1, Q8_0)
+ROWS_KERNEL(q8_0, 2, Q8_0)
+ROWS_KERNEL(q8_0, 4, Q8_0)
+ROWS_KERNEL(q8_0, 8, Q8_0)
+
+typedef void (*rows_fn)(const float*, int64_t, const void*, const _Float16*, const _Float16*,
+                        float*, int64_t);
+
+/* out [M, N] = x [M, K] @ W.T; bits 4 (Q4_1: packed uint8 [N, K/32, 16], scales and mins
+ * float16 [N, K/32]) or 8 (Q8_0: packed int8 [N, K/32, 32], scales float16 [N, K/32], mins
+ * unused). All arrays contiguous. Runs on `threads` OpenMP threads (torch's own runtime). */
+int block_matmul(const float* x, int64_t M, int64_t K, const void* packed,
+                 const _Float16* scales, const _Float16* mins, int64_t N, int bits, float* out,
+                 int threads) {
+    static const rows_fn q4_1[] = {0, q4_1_rows_1, q4_1_rows_2, 0, q4_1_rows_4, 0, 0, 0, q4_1_rows_8};
+    static const rows_fn q8_0[] = {0, q8_0_rows_1, q8_0_rows_2, 0, q8_0_rows_4, 0, 0, 0, q8_0_rows_8};
+    if ((bits != 4 && bits != 8) || K % BLOCK) return -1;
+    const rows_fn* kernels = bits == 4 ? q4_1 : q8_0;
+    const int64_t row_bytes = (K / BLOCK) * (bits == 4 ? BLOCK / 2 : BLOCK);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const char* w = (const char*)packed + n * row_bytes;
+        const _Float16* s = scales + n * (K / BLOCK);
+        const _Float16* m = bits == 4 ? mins + n * (K / BLOCK) : 0;
+        for (int64_t r = 0; r < M;) {
+            const int64_t left = M - r;
+            const int R = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            kernels[R](x + r * K, K, w, s, m, out + r * N + n, N);
+            r += R;
+        }
+    }
+    return 0;
+}
