@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-tokens", type=int, default=256, help="tokens per stream")
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--no-cuda-graph", action="store_true")
+    parser.add_argument("--rules", default="auto", help="rule file (e.g. llama-cpu-q4 on a CPU)")
+    parser.add_argument("--compile", action="store_true", help="CPU decode via torch.compile")
     parser.add_argument("--out", type=Path, default=Path("bench-out/server.json"))
     return parser.parse_args(argv)
 
@@ -180,7 +182,9 @@ def bench_throughput(engine: Engine, tokenizer: Any, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    loaded = load(args.model, device=args.device, dtype=args.dtype, progress=False)
+    loaded = load(
+        args.model, rules=args.rules, device=args.device, dtype=args.dtype, progress=False
+    )
     cache_lens = max(args.history_tokens + 512, args.stream_tokens + 64)
     engine = Engine(
         loaded.model,
@@ -189,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         num_slots=args.streams,
         chunk_size=args.chunk_size,
         cuda_graph=not args.no_cuda_graph,
+        compile=args.compile,
     )
     tokenizer = loaded.tokenizer
     reuse = bench_history(engine, tokenizer, args, reuse=True)
