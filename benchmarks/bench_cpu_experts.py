@@ -27,8 +27,27 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+import operators.experts  # noqa: E402
 from ktinject.bench.measure import machine  # noqa: E402
+from operators import native  # noqa: E402
 from operators.experts import CPUExperts, GatheredExperts  # noqa: E402
+
+
+class TorchPath(nn.Module):
+    """A block-format `CPUExperts` through the torch path the C kernel replaced (what runs
+    without a C compiler), for the same-run comparison."""
+
+    def __init__(self, experts: CPUExperts) -> None:
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        chosen = operators.experts.native_available
+        operators.experts.native_available = lambda: False
+        try:
+            return self.experts(*args)
+        finally:
+            operators.experts.native_available = chosen
 
 
 def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         systems[f"ktinject-{fmt or args.dtype}"] = CPUExperts.from_module(
             hf, name="experts", config=None, device=cpu, format=fmt
         )
+        if fmt is not None and native.library() is not None:
+            systems[f"ktinject-{fmt}-torch-path"] = TorchPath(systems[f"ktinject-{fmt}"])
     generator = torch.Generator().manual_seed(1)
     token_counts = [int(n) for n in args.tokens.split(",")]
     inputs = {n: routed_batch(args, n, generator, dtype) for n in token_counts}

@@ -31,14 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from operators import native
 from operators.base import Operator, check_source, take
 from operators.linear import (
     BLOCK,
     FORMATS,
     BlockFormat,
+    Blocks,
     block_gemv,
     block_linear,
     kernel,
+    native_available,
     quantize_blocks,
 )
 from operators.triton.experts import gathered_experts, gathered_experts_reference
@@ -205,7 +208,8 @@ class CPUExperts(GatheredExperts):
 
     `format` (rule kwarg, `q4_1` or `q8_0`; default none: the checkpoint's dtype): keep each
     expert's matrices in that GGUF block format (`operators.linear`), 3.2x (Q4_1) / 1.9x (Q8_0)
-    fewer bytes than bf16, a decode token's experts read in one compiled call. Lossless for
+    fewer bytes than bf16, decode tokens' experts read in place by the C kernel of
+    `operators.native` (without a C compiler: one compiled call per token). Lossless for
     weights that came from a GGUF file of that format, llama.cpp's quantization otherwise.
     Hidden and intermediate sizes must be multiples of 32."""
 
@@ -317,6 +321,17 @@ class CPUExperts(GatheredExperts):
         gate, up = block_linear(x, gate_up, self.fmt, x.dtype).chunk(2, dim=-1)
         return block_linear(self.act_fn(gate) * up, down, self.fmt, x.dtype)
 
+    def _token_by_token(
+        self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Block formats with the C kernel built: every token's experts in two calls that read
+        the packed bytes in place (`native_block_experts`); else the compiled kernel per token."""
+        silu = type(self.act_fn).__name__ in SILU
+        if self.fmt is None or not silu or not native_available():
+            return super()._token_by_token(hidden, index, weights)
+        gate_up, down = (self._blocks(name) for name in PROJECTIONS)
+        return native_block_experts(hidden, index, weights, gate_up, down)
+
     def _decode_kernel(
         self, dtype: torch.dtype, top_k: int
     ) -> tuple[Callable[..., torch.Tensor], tuple[Any, ...]]:
@@ -340,8 +355,8 @@ def gathered_block_experts(
     hidden: torch.Tensor,
     index: torch.Tensor,
     weights: torch.Tensor,
-    gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    gate_up: Blocks,
+    down: Blocks,
     fmt: BlockFormat,
 ) -> torch.Tensor:
     """One token [1, H] through its k SiLU experts held as blocks ([E, N, K/32, w] each),
@@ -352,6 +367,26 @@ def gathered_block_experts(
     inner = F.silu(gate) * up  # [k, I]
     out = block_gemv(inner.float(), *down, fmt).to(hidden.dtype)  # [k, H]
     return (out * weights[0][:, None]).sum(0, keepdim=True).to(hidden.dtype)
+
+
+def native_block_experts(
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: Blocks,
+    down: Blocks,
+) -> torch.Tensor:
+    """`gathered_block_experts` for T tokens [T, H] at once through the C kernel
+    (`operators.native.block_matmul_experts`): row t*k+i is token t through its i-th expert,
+    rounded to the hidden dtype where that function rounds. Decode of Qwen3-30B-A3B's experts
+    per token and layer: see benchmarks/RESULTS.md."""
+    tokens, k = index.shape
+    experts = index.flatten()
+    rows = hidden.repeat_interleave(k, dim=0)  # [T*k, H]
+    products = native.block_matmul_experts(rows, experts, *gate_up).to(hidden.dtype)
+    gate, up = products.chunk(2, dim=-1)
+    out = native.block_matmul_experts(F.silu(gate) * up, experts, *down).to(hidden.dtype)
+    return (out.view(tokens, k, -1) * weights[:, :, None]).sum(1).to(hidden.dtype)
 
 
 @contextlib.contextmanager

@@ -43,6 +43,8 @@ GEMV_ROWS = 8  # at most this many rows (a decode batch) take the fused GEMV in 
 # matmul win (SmolLM2-135M's shapes, 2-core AVX-512 EPYC, 2026-11-29)
 NATIVE_ROWS = 48
 
+Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (packed, scales, mins or None)
+
 
 @dataclass(frozen=True)
 class BlockFormat:
@@ -68,9 +70,7 @@ FORMATS = {
 }
 
 
-def quantize_blocks(
-    weight: torch.Tensor, fmt: BlockFormat
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize_blocks(weight: torch.Tensor, fmt: BlockFormat) -> Blocks:
     """Split `weight` [N, K] into blocks of 32 along K; return (packed, scales, mins).
 
     Q4_1: min m = block min, scale d = (max - min) / 15, both rounded to float16, q in 0..15,
@@ -194,7 +194,7 @@ def native_available() -> bool:
 
 def block_linear(
     x: torch.Tensor,
-    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    blocks: Blocks,
     fmt: BlockFormat,
     dtype: torch.dtype,
 ) -> torch.Tensor:

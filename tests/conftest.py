@@ -43,3 +43,18 @@ def smollm2():
     from ktinject.loading import load
 
     return load(None, progress=False)
+
+
+@pytest.fixture(params=[True, False], ids=["C kernel", "torch"])
+def with_native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both CPU paths of block-quantized operators: the C kernels of `operators.native`, and
+    the torch path taken where no C compiler builds them."""
+    import operators.experts
+    import operators.linear
+    from operators import native
+
+    if request.param and native.library() is None:
+        pytest.skip("no C compiler here to build operators/native")
+    for module in (operators.linear, operators.experts):
+        monkeypatch.setattr(module, "native_available", lambda: request.param)
+    return request.param

@@ -20,6 +20,7 @@ from ktinject import optimize
 from ktinject.engine import Engine
 from ktinject.inject import place
 from ktinject.loading import load_weights, plan
+from operators import native
 from operators.experts import GATHER_ROWS, CPUExperts
 from operators.linear import FORMATS, dequantize, quantize_blocks
 
@@ -67,9 +68,12 @@ def test_cpu_experts_match_hf(arch: str, tokens: int, dtype: torch.dtype) -> Non
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 @pytest.mark.parametrize("tokens", [1, 3, 3 * GATHER_ROWS])
-def test_block_format_experts_match_hf_on_block_weights(fmt: str, tokens: int) -> None:
-    """1 token: one GEMV over the packed bytes per expert; 3: one per token; 24: the expert's
-    weight dequantized once. Only the blocks are kept, none of the float weights."""
+def test_block_format_experts_match_hf_on_block_weights(
+    fmt: str, tokens: int, with_native: bool
+) -> None:
+    """1 and 3 tokens: with the C kernel all their experts in two calls, else one compiled
+    GEMV kernel per token; 24: per expert, its tokens' rows (C kernel up to 48 rows) or the
+    expert's weight dequantized once. Only the blocks are kept, none of the float weights."""
     model = block_representable(tiny_model("qwen3_moe"), fmt)
     original = model.model.layers[0].mlp.experts
     operator = build(original, model, format=fmt)
@@ -127,3 +131,19 @@ def test_rule_file_quantizes_experts_while_loading_a_checkpoint(tmp_path) -> Non
     experts = model.model.layers[1].mlp.experts
     assert experts.fmt.name == "q4_1" and experts.gate_up_proj_packed.dtype == torch.uint8
     assert engine_greedy(Engine(model), PROMPT) == hf_greedy(reference, PROMPT)
+
+
+def test_c_kernel_refuses_expert_ids_out_of_range() -> None:
+    """The kernel reads weights at the ids it is given: an id past the experts is refused, not
+    read from memory beyond them."""
+    if native.library() is None:
+        pytest.skip("no C compiler here to build operators/native")
+    weights = quantize_blocks(torch.randn(3 * 8, 64), FORMATS["q4_1"])
+    blocks = tuple(part.view(3, 8, *part.shape[1:]) for part in weights)
+    x = torch.randn(2, 64)
+    expected = torch.stack([x[0] @ dequantize(*weights, FORMATS["q4_1"])[16:].T])
+    torch.testing.assert_close(
+        native.block_matmul_experts(x[:1], torch.tensor([2]), *blocks), expected
+    )
+    with pytest.raises(ValueError, match=r"expert ids in \[0, 3\) \(got \[0, 3\]\)"):
+        native.block_matmul_experts(x, torch.tensor([0, 3]), *blocks)

@@ -117,15 +117,6 @@ def block_linear(fmt: str) -> tuple[nn.Linear, BlockQuantLinear]:
     return linear, quantized(linear, fmt)
 
 
-@pytest.fixture(params=[True, False], ids=["C kernel", "torch"])
-def with_native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both CPU paths: the C kernel for a few rows, and the torch one used without a compiler."""
-    if request.param and native.library() is None:
-        pytest.skip("no C compiler here to build operators/native")
-    monkeypatch.setattr(operators.linear, "native_available", lambda: request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 @pytest.mark.parametrize("rows", [1, 3, 9, NATIVE_ROWS + 1])
 def test_operator_matches_linear(fmt: str, rows: int, with_native: bool) -> None:

@@ -87,42 +87,52 @@ def library() -> ctypes.CDLL | None:
             detail.strip().splitlines()[-1][:200] if detail.strip() else type(exc).__name__,
         )
         return None
-    lib.block_matmul.restype = ctypes.c_int
-    lib.block_matmul.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_int,
+    pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.block_matmul.restype = lib.block_matmul_experts.restype = ctypes.c_int
+    # x, M, K, packed, scales, mins, N, bits, out, threads
+    lib.block_matmul.argtypes = [pointer, size, size, *[pointer] * 3, size, flag, pointer, flag]
+    # x, P, K, experts, E, packed, scales, mins, N, bits, out, threads
+    lib.block_matmul_experts.argtypes = [
+        *[pointer, size, size, pointer, size],
+        *[pointer] * 3,
+        *[size, flag, pointer, flag],
     ]
     return lib
+
+
+def _built() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the C kernels are not built; check operators.native.library() first")
+    return lib
+
+
+def _blocks(
+    packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
+) -> tuple[int, int, int | None]:
+    """Addresses of (packed, scales, mins), which must be contiguous."""
+    if not (packed.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("block_matmul needs contiguous packed blocks and scales")
+    if mins is not None and not mins.is_contiguous():
+        raise ValueError("block_matmul needs contiguous mins")
+    minimum = mins.data_ptr() if mins is not None else None
+    return packed.data_ptr(), scales.data_ptr(), minimum
 
 
 def block_matmul(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
 ) -> torch.Tensor:
-    """`x [M, K] float32 @ W.T` for the block weight W [N, K] that (packed, scales, mins) stand
-    for (Q4_1 when packed is uint8, Q8_0 when int8; layouts of `operators.linear`). CPU tensors;
-    needs `library()`."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the C kernels are not built; check operators.native.library() first")
-    x, packed, scales = x.float().contiguous(), packed.contiguous(), scales.contiguous()
-    mins = mins.contiguous() if mins is not None else None
+    """`x [M, K] @ W.T` in float32 for the block weight W [N, K] that (packed, scales, mins)
+    stand for (Q4_1 when packed is uint8, Q8_0 when int8; layouts of `operators.linear`). CPU
+    tensors; needs `library()`."""
+    x = x.float().contiguous()
     rows, in_features = x.shape
     out = torch.empty(rows, packed.shape[0], dtype=torch.float32)
-    status = lib.block_matmul(
+    status = _built().block_matmul(
         x.data_ptr(),
         rows,
         in_features,
-        packed.data_ptr(),
-        scales.data_ptr(),
-        mins.data_ptr() if mins is not None else None,
+        *_blocks(packed, scales, mins),
         packed.shape[0],
         BITS[packed.dtype],
         out.data_ptr(),
@@ -130,4 +140,39 @@ def block_matmul(
     )
     if status:
         raise ValueError(f"block_matmul needs whole blocks of 32 features, got {in_features}")
+    return out
+
+
+def block_matmul_experts(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+) -> torch.Tensor:
+    """Row p of `x [P, K]` times the transpose of expert `experts[p]`'s block weight, for the
+    weights of E experts stacked as [E, N, K/32, w] (`operators.experts.CPUExperts`): [P, N] in
+    float32, the experts' bytes read in place."""
+    x = x.float().contiguous()
+    experts = experts.to(torch.int64).contiguous()
+    rows, in_features = x.shape
+    count, out_features = packed.shape[:2]
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    status = _built().block_matmul_experts(
+        x.data_ptr(),
+        rows,
+        in_features,
+        experts.data_ptr(),
+        count,
+        *_blocks(packed, scales, mins),
+        out_features,
+        BITS[packed.dtype],
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status:
+        raise ValueError(
+            f"block_matmul_experts needs whole blocks of 32 features (got {in_features}) and "
+            f"expert ids in [0, {count}) (got {experts.tolist()})"
+        )
     return out

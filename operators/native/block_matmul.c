@@ -90,28 +90,60 @@ ROWS_KERNEL(q8_0, 8, Q8_0)
 typedef void (*rows_fn)(const float*, int64_t, const void*, const _Float16*, const _Float16*,
                         float*, int64_t);
 
+static const rows_fn Q4_1_KERNELS[] = {0, q4_1_rows_1, q4_1_rows_2, 0, q4_1_rows_4, 0, 0, 0, q4_1_rows_8};
+static const rows_fn Q8_0_KERNELS[] = {0, q8_0_rows_1, q8_0_rows_2, 0, q8_0_rows_4, 0, 0, 0, q8_0_rows_8};
+
+/* One weight row's operands: packed bytes, scales and (Q4_1) mins of row `row`. */
+typedef struct {
+    const char* packed;
+    const _Float16* scales;
+    const _Float16* mins;
+} weight_row;
+
+static inline weight_row row_at(const void* packed, const _Float16* scales, const _Float16* mins,
+                                int64_t K, int bits, int64_t row) {
+    const int64_t blocks = K / BLOCK, bytes = blocks * (bits == 4 ? BLOCK / 2 : BLOCK);
+    weight_row w = {(const char*)packed + row * bytes, scales + row * blocks,
+                    bits == 4 ? mins + row * blocks : 0};
+    return w;
+}
+
 /* out [M, N] = x [M, K] @ W.T; bits 4 (Q4_1: packed uint8 [N, K/32, 16], scales and mins
  * float16 [N, K/32]) or 8 (Q8_0: packed int8 [N, K/32, 32], scales float16 [N, K/32], mins
  * unused). All arrays contiguous. Runs on `threads` OpenMP threads (torch's own runtime). */
 int block_matmul(const float* x, int64_t M, int64_t K, const void* packed,
                  const _Float16* scales, const _Float16* mins, int64_t N, int bits, float* out,
                  int threads) {
-    static const rows_fn q4_1[] = {0, q4_1_rows_1, q4_1_rows_2, 0, q4_1_rows_4, 0, 0, 0, q4_1_rows_8};
-    static const rows_fn q8_0[] = {0, q8_0_rows_1, q8_0_rows_2, 0, q8_0_rows_4, 0, 0, 0, q8_0_rows_8};
     if ((bits != 4 && bits != 8) || K % BLOCK) return -1;
-    const rows_fn* kernels = bits == 4 ? q4_1 : q8_0;
-    const int64_t row_bytes = (K / BLOCK) * (bits == 4 ? BLOCK / 2 : BLOCK);
+    const rows_fn* kernels = bits == 4 ? Q4_1_KERNELS : Q8_0_KERNELS;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-        const char* w = (const char*)packed + n * row_bytes;
-        const _Float16* s = scales + n * (K / BLOCK);
-        const _Float16* m = bits == 4 ? mins + n * (K / BLOCK) : 0;
+        const weight_row w = row_at(packed, scales, mins, K, bits, n);
         for (int64_t r = 0; r < M;) {
             const int64_t left = M - r;
             const int R = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-            kernels[R](x + r * K, K, w, s, m, out + r * N + n, N);
+            kernels[R](x + r * K, K, w.packed, w.scales, w.mins, out + r * N + n, N);
             r += R;
         }
+    }
+    return 0;
+}
+
+/* out [P, N]: row p is x[p] [K] times the transpose of expert experts[p]'s weight [N, K], for
+ * weights of E experts stacked as [E, N, ...] in the layouts above: a decode token's k experts
+ * (P = tokens x k), read in place. Returns -1 for a bad format or an expert id outside [0, E). */
+int block_matmul_experts(const float* x, int64_t P, int64_t K, const int64_t* experts, int64_t E,
+                         const void* packed, const _Float16* scales, const _Float16* mins,
+                         int64_t N, int bits, float* out, int threads) {
+    if ((bits != 4 && bits != 8) || K % BLOCK) return -1;
+    for (int64_t p = 0; p < P; p++)
+        if (experts[p] < 0 || experts[p] >= E) return -1;
+    const rows_fn one_row = (bits == 4 ? Q4_1_KERNELS : Q8_0_KERNELS)[1];
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < P * N; i++) {
+        const int64_t p = i / N, n = i % N;
+        const weight_row w = row_at(packed, scales, mins, K, bits, experts[p] * N + n);
+        one_row(x + p * K, K, w.packed, w.scales, w.mins, out + i, N);
     }
     return 0;
 }
