@@ -10,13 +10,15 @@ dequantized values equal the fp32 weights bit for bit (tests/test_linear.py prov
 own quantizer); only the order of the float sums differs from a matmul. Any other weight is
 quantized the way llama.cpp does it (lossy).
 
-Decode wants one pass over the packed bytes. On a CPU a decode batch (up to NATIVE_ROWS rows)
-takes the C kernel of `operators.native`, which unpacks each block once for all rows; a compiled
-decode step (`--compile`) calls it as the torch op `ktinject::block_matmul`. Elsewhere, or where
-no C compiler builds it, up to GEMV_ROWS rows take `block_gemv`, an expression inductor turns into
-one vectorized loop that unpacks, scales and accumulates in registers (inside a compiled decode
-step it fuses with its neighbours; called eagerly it is compiled on its own per weight shape).
-More rows (prefill) dequantize the weight (also a compiled kernel) and multiply with `F.linear`.
+Decode wants one pass over the packed bytes. On a CPU the C kernel of `operators.native` takes
+every row count: a decode batch unpacks each block once for all its rows, a prefill unpacks the
+weight panel by panel into the cache and multiplies there (outside fp32, only decode batches up
+to NATIVE_ROWS rows); a compiled decode step (`--compile`) calls it as the torch op
+`ktinject::block_matmul`. Elsewhere, or where no C compiler builds it, up to GEMV_ROWS rows take
+`block_gemv`, an expression inductor turns into one vectorized loop that unpacks, scales and
+accumulates in registers (inside a compiled decode step it fuses with its neighbours; called
+eagerly it is compiled on its own per weight shape). More rows dequantize the weight (also a
+compiled kernel) and multiply with `F.linear`.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32
 GEMV_ROWS = 8  # at most this many rows (a decode batch) take the fused GEMV in a compiled graph
-# at most this many rows take the C kernel on a CPU: past ~56 rows dequantizing once and an fp32
-# matmul win (SmolLM2-135M's shapes, 2-core AVX-512 EPYC, 2026-11-29)
+# in fp32 every row count takes the C kernel on a CPU; in other dtypes at most this many rows
+# (decode batches), since a bf16 matmul of the dequantized weight may beat its fp32 panels
 NATIVE_ROWS = 48
 
 Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (packed, scales, mins or None)
@@ -199,17 +201,19 @@ def block_linear(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """`x [..., K] @ W.T` for the weight W [N, K] that `blocks` (packed, scales, mins) stand
-    for, computed and returned in `dtype`. On a CPU up to NATIVE_ROWS rows take the C kernel
-    (`operators.native`). Elsewhere, or without a C compiler, up to GEMV_ROWS rows stream the
-    packed bytes (one compiled GEMV per row when called eagerly: a kernel per row count would
-    be compiled otherwise, and dynamo keeps at most 8 per function; all rows at once inside a
-    graph being compiled, where it fuses). More rows dequantize W once and multiply."""
+    for, computed and returned in `dtype`. On a CPU the C kernel takes it (`operators.native`;
+    outside fp32 up to NATIVE_ROWS rows). Elsewhere, or without a C compiler, up to GEMV_ROWS
+    rows stream the packed bytes (one compiled GEMV per row when called eagerly: a kernel per
+    row count would be compiled otherwise, and dynamo keeps at most 8 per function; all rows at
+    once inside a graph being compiled, where it fuses). More rows dequantize W once and
+    multiply."""
     packed, scales, mins = blocks
     in_features = packed.shape[1] * BLOCK
     out_features = packed.shape[0]
     rows = x.numel() // in_features
     shape = (out_features, in_features, fmt.name, packed.device)
-    if packed.device.type == "cpu" and rows <= NATIVE_ROWS and native_available():
+    few = rows <= NATIVE_ROWS or dtype == torch.float32
+    if packed.device.type == "cpu" and few and native_available():
         # the op's dispatch costs ~10 us a call, which only a graph being compiled needs
         matmul = native_block_matmul if torch.compiler.is_compiling() else native.block_matmul
         out = matmul(x.reshape(rows, in_features).float(), packed, scales, mins)

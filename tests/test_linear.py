@@ -120,24 +120,39 @@ def block_linear(fmt: str) -> tuple[nn.Linear, BlockQuantLinear]:
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 @pytest.mark.parametrize("rows", [1, 3, 9, NATIVE_ROWS + 1])
 def test_operator_matches_linear(fmt: str, rows: int, with_native: bool) -> None:
-    """Up to NATIVE_ROWS rows take the C kernel; without it, up to GEMV_ROWS rows take the
-    compiled GEMV kernel (one call per row). More rows dequantize (compiled) and multiply."""
+    """With the C kernel every row count takes it; without it, up to GEMV_ROWS rows take the
+    compiled GEMV kernel (one call per row), more rows dequantize (compiled) and multiply."""
     linear, operator = block_linear(fmt)
     x = torch.randn(rows, 1, 64)
     expected = F.linear(x, linear.weight, linear.bias)
     torch.testing.assert_close(operator(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [3, NATIVE_ROWS + 1])
+def test_bf16_operator_takes_a_bf16_matmul_past_decode_batches(rows: int, with_native) -> None:
+    """Outside fp32 the C kernel serves decode batches; more rows multiply the dequantized
+    weight in the layer's dtype. Both agree with the bf16 linear within bf16 rounding."""
+    linear, _ = block_linear("q4_1")
+    linear = linear.to(torch.bfloat16)
+    operator = quantized(linear, "q4_1")
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    out = operator(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.linear(x, linear.weight, linear.bias), rtol=2e-2, atol=2e-2)
+
+
 @given(
     fmt=st.sampled_from(sorted(FORMATS)),
-    rows=st.integers(1, NATIVE_ROWS),
+    rows=st.integers(1, 80),
     blocks=st.integers(1, 6),
-    out_features=st.integers(1, 40),
+    out_features=st.integers(1, 80),
 )
 def test_c_kernel_matches_the_dequantized_matmul(
     fmt: str, rows: int, blocks: int, out_features: int
 ) -> None:
-    """Every row count (tiles of 8, 4, 2 and 1 rows), odd output counts, both formats."""
+    """Every row count (dot products in tiles of 8, 4, 2 and 1 rows up to 32 rows; unpacked
+    panels of 32 columns times tiles of up to 6 rows beyond), output counts that leave a part
+    of a panel, both formats."""
     if native.library() is None:
         pytest.skip("no C compiler here to build operators/native")
     weight = torch.randn(out_features, 32 * blocks)

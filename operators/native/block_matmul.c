@@ -1,19 +1,30 @@
 /* x [M, K] (float32) times the transpose of a weight [N, K] kept in GGUF blocks of 32 weights
- * (Q4_1 or Q8_0, laid out as in operators/linear.py), for the few rows of a decode batch.
+ * (Q4_1 or Q8_0, laid out as in operators/linear.py).
  *
- * Each program unpacks a block once into float registers and multiplies it with up to 8 rows,
- * so the unpacking is shared by the batch; inductor's loop for the same expression unpacks once
- * per row (see operators/native/__init__.py for the numbers). The unpacked weight is exact: the
- * product of a 4- or 8-bit integer and a float16 scale fits in a float32 mantissa, so d*q + m
- * rounds once whether or not the compiler fuses it, exactly as dequantizing in numpy or torch.
- * Only the order of the float sums differs from a matmul of the dequantized weight.
+ * A few rows (a decode batch, up to DOT_ROWS): each program unpacks a block once into float
+ * registers and takes its dot products with up to 8 rows, so the unpacking is shared by the
+ * batch; inductor's loop for the same expression unpacks once per row. More rows (prefill):
+ * the weight is unpacked 32 output columns at a time into a panel that stays in the core's
+ * cache, and a register-blocked kernel multiplies it with 6 rows at a time, so the unpacked
+ * weight never goes through memory (dequantizing it first and calling an fp32 matmul writes and
+ * reads it there: slower than a matmul of an fp32 weight, where this is faster). Numbers in
+ * operators/native/__init__.py.
+ *
+ * The unpacked weight is exact: the product of a 4- or 8-bit integer and a float16 scale fits
+ * in a float32 mantissa, so d*q + m rounds once whether or not the compiler fuses it, exactly
+ * as dequantizing in numpy or torch. Only the order of the float sums differs from a matmul of
+ * the dequantized weight.
  *
  * GCC/Clang vector extensions keep it portable: 16 floats per vector, lowered to one AVX-512 or
  * two AVX2 (or four NEON) registers by -march=native.
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #define BLOCK 32
+#define DOT_ROWS 32 /* at most this many rows take the dot-product kernels; more, the panels */
+#define PANEL 32    /* output columns per unpacked panel */
+#define TILE_ROWS 6 /* rows per register tile of the panel kernel (12 accumulators) */
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
@@ -108,13 +119,10 @@ static inline weight_row row_at(const void* packed, const _Float16* scales, cons
     return w;
 }
 
-/* out [M, N] = x [M, K] @ W.T; bits 4 (Q4_1: packed uint8 [N, K/32, 16], scales and mins
- * float16 [N, K/32]) or 8 (Q8_0: packed int8 [N, K/32, 32], scales float16 [N, K/32], mins
- * unused). All arrays contiguous. Runs on `threads` OpenMP threads (torch's own runtime). */
-int block_matmul(const float* x, int64_t M, int64_t K, const void* packed,
-                 const _Float16* scales, const _Float16* mins, int64_t N, int bits, float* out,
-                 int threads) {
-    if ((bits != 4 && bits != 8) || K % BLOCK) return -1;
+/* Dot products: every weight row n against the M rows, blocks unpacked once per 8 rows. */
+static void dot_rows(const float* x, int64_t M, int64_t K, const void* packed,
+                     const _Float16* scales, const _Float16* mins, int64_t N, int bits, float* out,
+                     int threads) {
     const rows_fn* kernels = bits == 4 ? Q4_1_KERNELS : Q8_0_KERNELS;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
@@ -126,7 +134,98 @@ int block_matmul(const float* x, int64_t M, int64_t K, const void* packed,
             r += R;
         }
     }
-    return 0;
+}
+
+/* panel[k * PANEL + j] = W[n0 + j, k] for j < cols, 0 for the columns past N. */
+static void unpack_panel(const void* packed, const _Float16* scales, const _Float16* mins,
+                         int64_t K, int bits, int64_t n0, int64_t cols, float* panel) {
+    for (int64_t j = 0; j < PANEL; j++) {
+        if (j >= cols) {
+            for (int64_t k = 0; k < K; k++) panel[k * PANEL + j] = 0.0f;
+            continue;
+        }
+        const weight_row w = row_at(packed, scales, mins, K, bits, n0 + j);
+        for (int64_t b = 0; b < K / BLOCK; b++) {
+            vf low, high;
+            if (bits == 4)
+                q4_1_block((const uint8_t*)w.packed, w.scales, w.mins, b, &low, &high);
+            else
+                q8_0_block((const int8_t*)w.packed, w.scales, b, &low, &high);
+            float* column = panel + b * BLOCK * PANEL + j;
+            for (int i = 0; i < 16; i++) {
+                column[i * PANEL] = low[i];
+                column[(i + 16) * PANEL] = high[i];
+            }
+        }
+    }
+}
+
+/* out[r, 0:cols] = x[r] @ panel for R rows: 2 x R vector accumulators across the panel's 32
+ * columns, one broadcast of x per row and step of k. */
+#define TILE_KERNEL(R)                                                                         \
+    static void tile_##R(const float* x, int64_t K, const float* panel, float* out, int64_t N,   \
+                         int64_t cols) {                                                       \
+        vf low[R], high[R];                                                                    \
+        for (int r = 0; r < R; r++) low[r] = high[r] = (vf){0};                                \
+        for (int64_t k = 0; k < K; k++) {                                                      \
+            const vf w0 = load(panel + k * PANEL), w1 = load(panel + k * PANEL + 16);          \
+            for (int r = 0; r < R; r++) {                                                      \
+                const float xr = x[r * K + k];                                                 \
+                low[r] += w0 * xr;                                                             \
+                high[r] += w1 * xr;                                                            \
+            }                                                                                  \
+        }                                                                                      \
+        for (int r = 0; r < R; r++)                                                            \
+            for (int j = 0; j < cols; j++) out[r * N + j] = j < 16 ? low[r][j] : high[r][j - 16]; \
+    }
+TILE_KERNEL(1)
+TILE_KERNEL(2)
+TILE_KERNEL(3)
+TILE_KERNEL(4)
+TILE_KERNEL(5)
+TILE_KERNEL(6)
+
+typedef void (*tile_fn)(const float*, int64_t, const float*, float*, int64_t, int64_t);
+static const tile_fn TILES[] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
+
+/* Panels: each thread unpacks 32 output columns at a time and multiplies them with all rows.
+ * Returns -1 when a thread's panel buffer cannot be allocated. */
+static int panel_rows(const float* x, int64_t M, int64_t K, const void* packed,
+                      const _Float16* scales, const _Float16* mins, int64_t N, int bits,
+                      float* out, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float* panel = aligned_alloc(64, (size_t)(K * PANEL * sizeof(float) + 63) / 64 * 64);
+        failed = panel == 0;
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += PANEL) {
+            if (!panel) continue;
+            const int64_t cols = N - n0 < PANEL ? N - n0 : PANEL;
+            unpack_panel(packed, scales, mins, K, bits, n0, cols, panel);
+            for (int64_t r = 0; r < M; r += TILE_ROWS) {
+                const int R = M - r < TILE_ROWS ? (int)(M - r) : TILE_ROWS;
+                TILES[R](x + r * K, K, panel, out + r * N + n0, N, cols);
+            }
+        }
+        free(panel);
+    }
+    return failed ? -1 : 0;
+}
+
+/* out [M, N] = x [M, K] @ W.T; bits 4 (Q4_1: packed uint8 [N, K/32, 16], scales and mins
+ * float16 [N, K/32]) or 8 (Q8_0: packed int8 [N, K/32, 32], scales float16 [N, K/32], mins
+ * unused). All arrays contiguous. Runs on `threads` OpenMP threads (torch's own runtime).
+ * Returns 0, or -1 for a bad format and -2 when memory for the panels ran out. */
+int block_matmul(const float* x, int64_t M, int64_t K, const void* packed,
+                 const _Float16* scales, const _Float16* mins, int64_t N, int bits, float* out,
+                 int threads) {
+    if ((bits != 4 && bits != 8) || K % BLOCK) return -1;
+    if (M <= DOT_ROWS) {
+        dot_rows(x, M, K, packed, scales, mins, N, bits, out, threads);
+        return 0;
+    }
+    return panel_rows(x, M, K, packed, scales, mins, N, bits, out, threads) ? -2 : 0;
 }
 
 /* out [P, N]: row p is x[p] [K] times the transpose of expert experts[p]'s weight [N, K], for
