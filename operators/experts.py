@@ -264,6 +264,8 @@ class CPUExperts(GatheredExperts):
                 f"format {fmt.name} needs hidden and intermediate sizes that are multiples of "
                 f"{BLOCK}, got {hidden} and {intermediate}; use format: null"
             )
+        if fmt is not None:
+            native.build_for(device)
         return cls(gate_up, down, act_fn, threads, fmt)
 
     def forward(
@@ -310,6 +312,7 @@ class CPUExperts(GatheredExperts):
             if weight is None:
                 continue
             parts = self._quantized(weight)
+            native.build_for(weight.device)
             for part, tensor in zip(BLOCK_PARTS, parts, strict=True):
                 if tensor is not None:
                     state_dict[f"{prefix}{name}_{part}"] = tensor

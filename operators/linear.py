@@ -311,6 +311,7 @@ class BlockQuantLinear(Operator):
         )
         if not weight.is_meta:
             new.set_weight(weight)
+        native.build_for(device or target)
         return new
 
     def set_weight(self, weight: torch.Tensor) -> None:
@@ -330,6 +331,7 @@ class BlockQuantLinear(Operator):
         if weight is None:
             return
         packed, scales, mins = quantize_blocks(weight, self.fmt)
+        native.build_for(weight.device)
         state_dict[f"{prefix}packed"], state_dict[f"{prefix}scales"] = packed, scales
         if mins is not None:
             state_dict[f"{prefix}mins"] = mins

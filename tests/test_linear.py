@@ -180,6 +180,19 @@ def test_without_a_c_compiler_the_torch_path_runs(
     torch.testing.assert_close(operator(x), F.linear(x, linear.weight, linear.bias))
 
 
+def test_weights_loading_onto_a_cpu_build_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built as the checkpoint loads (a model is planned on meta), not in the first forward,
+    whose time a status line reports as prefill."""
+    builds: list[int] = []
+    monkeypatch.setattr(native, "library", lambda: builds.append(1))
+    with torch.device("meta"):
+        linear = nn.Linear(64, 16)
+    operator = quantized(linear, "q4_1")
+    assert not builds
+    operator.load_state_dict({"weight": torch.randn(16, 64), "bias": torch.randn(16)}, assign=True)
+    assert builds
+
+
 def test_a_kernel_that_cannot_compile_runs_eagerly(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
