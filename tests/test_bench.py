@@ -78,10 +78,33 @@ def test_long_context_can_be_skipped(capsys):
     assert "decode tok/s @4" in table and "@0" not in table
 
 
+def test_a_batch_of_sequences_matches_hf_row_by_row(tmp_path, capsys):
+    """--batch 3: three prompts generated together (HF: one batched `generate`; ktinject: three
+    slots decoded as one batch); every row's greedy tokens equal, rates count all rows."""
+    out = tmp_path / "bench.json"
+    args = parse(
+        "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-len", "8",
+        "--long-context", "0", "--new-tokens", "5", "--repeats", "1", "--batch", "3",
+        "--json", str(out),
+    )  # fmt: skip
+
+    assert run_bench(args) == 0
+
+    result = json.loads(out.read_text())
+    assert result["settings"]["batch"] == 3
+    hf, kt = result["systems"]["hf-eager"], result["systems"]["ktinject"]
+    assert len(hf["tokens"]["short"]) == 3 * 5
+    assert kt["tokens"]["short"] == hf["tokens"]["short"]
+    samples = kt["samples"]["short"]
+    assert kt["metrics"]["prefill_tok_s"] == pytest.approx(3 * 8 / samples[0]["ttft_s"])
+    assert "batch 3 (rates count all sequences)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--new-tokens", "1"], "--new-tokens is 1"),
+        (["--batch", "0"], "--batch is 0"),
         (["--baselines", "eager,fast"], "--baselines 'eager,fast'"),
         (["--shape", "llama-9000"], "--shape 'llama-9000' is unknown"),
         (["--long-context", "5000"], "max_position_embeddings"),

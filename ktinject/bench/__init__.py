@@ -56,6 +56,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds (default 3)")
     parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="sequences generated together, each with its own prompt (default 1); rates "
+        "count every sequence's tokens",
+    )
+    parser.add_argument(
         "--baselines",
         default=None,
         help="comma-separated: eager (HF DynamicCache), static-compile (HF StaticCache + "

@@ -111,8 +111,11 @@ def _rates(
         ("", record.short, settings["prompt_len"]),
         ("long_", record.long, settings["long_context"]),
     ):
-        prefill = [length / s.ttft_s for s in samples]
-        decode = [(settings["new_tokens"] - 1) / s.decode_s for s in samples if s.decode_s > 0]
+        tokens = settings.get("batch", 1)  # sequences; each rate counts all of them
+        prefill = [tokens * length / s.ttft_s for s in samples]
+        decode = [
+            tokens * (settings["new_tokens"] - 1) / s.decode_s for s in samples if s.decode_s > 0
+        ]
         rates[f"{prefix}prefill_tok_s"] = pick(prefill) if prefill else None
         rates[f"{prefix}decode_tok_s"] = pick(decode) if decode else None
     return rates
@@ -180,7 +183,8 @@ def table(result: dict[str, Any]) -> str:
         f"ktinject bench · {result['model']['label']} · {settings['dtype']} on "
         f"{machine.get('gpu') or machine['cpu']} ({settings['device']}, "
         f"{settings['threads']} threads) · {machine['date']}",
-        f"new tokens {settings['new_tokens']} · cache {settings['cache_lens']} positions · "
+        f"{_batch(settings)}new tokens {settings['new_tokens']} · "
+        f"cache {settings['cache_lens']} positions · "
         f"medians of {settings['repeats']} round(s) · memory: {settings['memory']}",
     ]
     if settings["interrupted"]:
@@ -198,6 +202,11 @@ def table(result: dict[str, Any]) -> str:
         if system["error"]:
             lines.append(f"error in {name}: {system['error']}")
     return "\n".join(lines)
+
+
+def _batch(settings: dict[str, Any]) -> str:
+    batch = settings.get("batch", 1)
+    return f"batch {batch} (rates count all sequences) · " if batch > 1 else ""
 
 
 def _cell(value: float | None, fmt: str) -> str:

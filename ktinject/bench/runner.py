@@ -54,6 +54,7 @@ class Settings:
     long_context: int
     new_tokens: int
     repeats: int
+    batch: int
     baselines: list[str]
     cuda_graph: bool
     compile: bool
@@ -72,6 +73,7 @@ class Settings:
             "long_context": self.long_context,
             "new_tokens": self.new_tokens,
             "repeats": self.repeats,
+            "batch": self.batch,
             "baselines": self.baselines,
             "cache_lens": self.cache_lens,
             "cuda_graph": self.cuda_graph,
@@ -102,6 +104,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         long_context=(8192 if gpu else 1024) if args.long_context is None else args.long_context,
         new_tokens=(256 if gpu else 64) if args.new_tokens is None else args.new_tokens,
         repeats=args.repeats,
+        batch=args.batch,
         baselines=[BASELINES[name] for name in dict.fromkeys(names)],
         cuda_graph=not args.no_cuda_graph,
         compile=args.compile,
@@ -112,6 +115,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         ("--long-context", settings.long_context, 0),
         ("--new-tokens", settings.new_tokens, 2),
         ("--repeats", settings.repeats, 1),
+        ("--batch", settings.batch, 1),
     ):
         if value < least:
             raise KtinjectError(f"{flag} is {value}; it must be at least {least}.")
@@ -235,7 +239,9 @@ def _prompts(settings: Settings, vocab: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(SEED)
     lengths = {"short": settings.prompt_len, "long": settings.long_context}
     return {
-        name: torch.randint(0, vocab, (1, length), generator=generator).to(settings.device)
+        name: torch.randint(0, vocab, (settings.batch, length), generator=generator).to(
+            settings.device
+        )
         for name, length in lengths.items()
         if length > 0
     }
@@ -254,7 +260,8 @@ def _kv_bytes(config: Any, settings: Settings) -> int:
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = torch.empty((), dtype=settings.dtype).element_size()
-    return 2 * config.num_hidden_layers * heads * head_dim * settings.cache_lens * element
+    per_sequence = 2 * config.num_hidden_layers * heads * head_dim * settings.cache_lens * element
+    return per_sequence * settings.batch
 
 
 def _available_ram() -> int:

@@ -70,7 +70,7 @@ class HFEager:
             **kwargs,
         )
         seconds = self.watch.stop()
-        return seconds, out[0, prompt.shape[1] :].tolist()
+        return seconds, out[:, prompt.shape[1] :].flatten().tolist()  # row after row
 
     def _kwargs(self) -> dict[str, Any]:
         return {}
@@ -130,14 +130,18 @@ class Ktinject:
         return ", ".join(f"batch {b}: {paths[fused]}" for b, fused in choice.items()) or None
 
     def run(self, prompt: torch.Tensor, n: int) -> Sample:
+        """Prompt [B, P]: each row prefilled into its own slot, then all rows decoded together,
+        as the server batches requests. Tokens are returned row after row."""
         from ktinject.engine import Engine
 
-        ids = prompt[0].tolist()
+        rows = prompt.tolist()
+        slots = list(range(len(rows)))
         self.watch.start()
         if self.engine is None:  # created in the first run: its cache counts as warm-up memory
             self.engine = Engine(
                 self.model,
                 cache_lens=self.cache_lens,
+                num_slots=len(rows),
                 cuda_graph=self.cuda_graph,
                 compile=self.compile,
             )
@@ -145,23 +149,24 @@ class Ktinject:
             # GPU the first run's short prompt replays a graph, and a long prompt's eager
             # prefill would otherwise compile inside a timed round)
             self.engine.warm_up()
-        logits, _ = self.engine.prefill(0, ids, reuse=False)
-        sampled = self._greedy(logits[None])
-        sampled[0].item()
+        last = [self.engine.prefill(slot, ids, reuse=False)[0] for slot, ids in enumerate(rows)]
+        sampled = self._greedy(torch.stack(last))
+        sampled[-1].item()
         ttft_s = self.watch.stop()
         self.watch.start()
-        tokens = []  # like Engine.generate: each id is read while the step fed with it runs
+        steps = []  # like Engine.generate: each id is read while the step fed with it runs
         for _ in range(n - 1):
-            logits, fed = self.engine.decode_sampled([0], sampled)
-            tokens += fed
+            logits, fed = self.engine.decode_sampled(slots, sampled)
+            steps.append(fed)
             sampled = self._greedy(logits)
-        tokens.append(int(sampled[0]))
+        steps.append(sampled.tolist())
         decode_s = self.watch.stop()
+        tokens = [step[row] for row in slots for step in steps]
         return Sample(ttft_s=ttft_s, total_s=ttft_s + decode_s, tokens=tokens)
 
     def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
-        """Argmax of logits [1, V], eos masked like `generate(min_new_tokens=...)`; stays on
-        the device as [1]."""
+        """Argmax of logits [B, V], eos masked like `generate(min_new_tokens=...)`; stays on
+        the device as [B]."""
         if self.eos is not None:
             logits = logits.index_fill(-1, self.eos, float("-inf"))
         return logits.argmax(dim=-1)
