@@ -107,15 +107,14 @@ def _rates(
 ) -> dict[str, float | None]:
     """Prefill and decode tok/s at both contexts, `pick`ed over the rounds."""
     rates: dict[str, float | None] = {}
+    sequences = settings.get("batch", 1)  # each rate counts the tokens of all of them
     for prefix, samples, length in (
         ("", record.short, settings["prompt_len"]),
         ("long_", record.long, settings["long_context"]),
     ):
-        tokens = settings.get("batch", 1)  # sequences; each rate counts all of them
-        prefill = [tokens * length / s.ttft_s for s in samples]
-        decode = [
-            tokens * (settings["new_tokens"] - 1) / s.decode_s for s in samples if s.decode_s > 0
-        ]
+        prefill = [sequences * length / s.ttft_s for s in samples]
+        new_tokens = sequences * (settings["new_tokens"] - 1)
+        decode = [new_tokens / s.decode_s for s in samples if s.decode_s > 0]
         rates[f"{prefix}prefill_tok_s"] = pick(prefill) if prefill else None
         rates[f"{prefix}decode_tok_s"] = pick(decode) if decode else None
     return rates

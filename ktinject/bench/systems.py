@@ -117,10 +117,7 @@ class Ktinject:
     @property
     def capture_s(self) -> float:
         """CUDA-graph capture, or torch.compile time of the CPU decode step."""
-        if self.engine is None:
-            return 0.0
-        compiled = self.engine.compiled
-        return self.engine.capture_s + (compiled.compile_s if compiled is not None else 0.0)
+        return self.engine.setup_s if self.engine is not None else 0.0
 
     @property
     def decode_graphs(self) -> str | None:
