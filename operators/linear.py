@@ -212,8 +212,8 @@ def block_linear(
     out_features = packed.shape[0]
     rows = x.numel() // in_features
     shape = (out_features, in_features, fmt.name, packed.device)
-    few = rows <= NATIVE_ROWS or dtype == torch.float32
-    if packed.device.type == "cpu" and few and native_available():
+    c_kernel_rows = dtype == torch.float32 or rows <= NATIVE_ROWS
+    if packed.device.type == "cpu" and c_kernel_rows and native_available():
         # the op's dispatch costs ~10 us a call, which only a graph being compiled needs
         matmul = native_block_matmul if torch.compiler.is_compiling() else native.block_matmul
         out = matmul(x.reshape(rows, in_features).float(), packed, scales, mins)
