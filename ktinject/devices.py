@@ -12,6 +12,20 @@ def default_device() -> torch.device:
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def flag_device(value: str | None) -> torch.device:
+    """The `--device` flag: the default device when it is not given. Unlike a rule's device,
+    it may not be 'meta', which holds shapes but no weights to generate with."""
+    if value is None:
+        return default_device()
+    device = check_device(value, where="--device", fix="--device")
+    if device.type == "meta":
+        raise DeviceError(
+            f"--device: {value!r} holds no weights, only their shapes, so nothing can run on it; "
+            "use 'cpu', 'cuda' or 'cuda:N' (--device)."
+        )
+    return device
+
+
 def check_device(value: str | torch.device, *, where: str, fix: str) -> torch.device:
     """Parse `value` and make sure it exists here.
 

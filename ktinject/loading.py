@@ -29,7 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ktinject.devices import check_device, default_device  # noqa: E402
+from ktinject.devices import flag_device  # noqa: E402
 from ktinject.errors import ModelSourceError  # noqa: E402
 from ktinject.inject import InjectionReport, optimize, place  # noqa: E402
 from ktinject.rules import builtin_rules_dir  # noqa: E402
@@ -224,11 +224,7 @@ def plan(
     from transformers import AutoConfig
 
     model_source = resolve_source(source)
-    target = (
-        default_device()
-        if device is None
-        else check_device(device, where="--device", fix="--device")
-    )
+    target = flag_device(device)
     hf_dir = model_source.path
     if model_source.kind in ("gguf", "embedded"):
         hf_dir = convert_gguf(model_source.path)

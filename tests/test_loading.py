@@ -287,6 +287,15 @@ def test_a_device_that_does_not_exist_names_the_flag(tiny_dir: Path) -> None:
     one_sentence(caught.value, f"'{MISSING_CUDA}'", "--device")
 
 
+def test_the_meta_device_is_refused_by_the_flag(tiny_dir: Path) -> None:
+    """'meta' is a device name torch knows (rules may place on it), but no weights live there:
+    the flag refuses it in one sentence instead of failing inside the first forward."""
+    with pytest.raises(DeviceError) as caught:
+        load(tiny_dir, device="meta", progress=False)
+
+    one_sentence(caught.value, "'meta'", "--device")
+
+
 def test_an_unsupported_dtype_names_the_flag(tiny_dir: Path) -> None:
     with pytest.raises(ModelSourceError) as caught:
         load(tiny_dir, dtype="float8", progress=False)

@@ -35,7 +35,7 @@ from ktinject.bench.systems import (
 )
 from ktinject.cache import local_cache_lens
 from ktinject.cli import overrides_arg, rules_arg
-from ktinject.devices import check_device, default_device
+from ktinject.devices import flag_device
 from ktinject.errors import KtinjectError
 from ktinject.loading import resolve_dtype
 
@@ -83,11 +83,7 @@ class Settings:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    device = (
-        default_device()
-        if args.device is None
-        else check_device(args.device, where="--device", fix="--device")
-    )
+    device = flag_device(args.device)
     gpu = device.type == "cuda"
     baselines = args.baselines or ("eager,static-compile" if gpu else "eager")
     names = [name.strip() for name in baselines.split(",") if name.strip()]
