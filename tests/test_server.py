@@ -37,7 +37,7 @@ from ktinject.server import add_serve_arguments
 from ktinject.server.app import create_app
 from ktinject.server.background import BackgroundServer
 from ktinject.server.config import ServeConfig
-from ktinject.server.launch import resolve_options
+from ktinject.server.launch import bind, resolve_options, run_serve
 
 CACHE_LENS = 256
 SLOTS = 4
@@ -521,6 +521,29 @@ def test_config_file_is_overridden_by_flags(tmp_path):
     config.write_text("cache_lenz: 1\n")
     with pytest.raises(KtinjectError, match="cache_lenz"):
         resolve_options(parser.parse_args(["--config", str(config)]))
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(monkeypatch):
+    """Loading (and --compile) can take minutes; a taken port must fail first, in one sentence."""
+    import argparse
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr("ktinject.loading.load", load)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(KtinjectError) as caught:
+            run_serve(parser.parse_args(["--port", str(port)]))
+    assert f"127.0.0.1:{port}" in str(caught.value) and "--port" in str(caught.value)
+    with pytest.raises(KtinjectError, match="--host 'no-such-host.invalid'"):
+        bind("no-such-host.invalid", 0)
+    with bind("127.0.0.1", 0) as listener:  # port 0: the system picks one, reported from here
+        assert listener.getsockname()[1] > 0
 
 
 # -- the real model ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -170,7 +171,11 @@ def _check(options: ServeOptions) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, build the engine and the app, and serve until interrupted."""
     options = resolve_options(args)
+    with bind(options.host, options.port) as listener:  # a busy port fails now, not after loading
+        return _serve(options, listener)
 
+
+def _serve(options: ServeOptions, listener: socket.socket) -> int:
     import uvicorn
 
     from ktinject.cli import overrides_arg, rules_arg
@@ -211,9 +216,11 @@ def run_serve(args: argparse.Namespace) -> int:
             f"this port can use the model.",
             file=sys.stderr,
         )
+    port = listener.getsockname()[1]  # the one the system chose for --port 0
+    host = f"[{options.host}]" if ":" in options.host else options.host  # IPv6 in a URL
     print(
         f"ktinject: {config.model_name} on {loaded.device}, {engine.num_slots} slot(s) x "
-        f"{engine.cache_lens:,} tokens; OpenAI API at http://{options.host}:{options.port}/v1",
+        f"{engine.cache_lens:,} tokens; OpenAI API at http://{host}:{port}/v1",
         file=sys.stderr,
     )
     if engine.compiled is not None:  # the port opens only after warm-up: say why it waits
@@ -222,8 +229,32 @@ def run_serve(args: argparse.Namespace) -> int:
             "for one row and as much for several; inductor keeps the kernels on disk)...",
             file=sys.stderr,
         )
-    uvicorn.run(app, host=options.host, port=options.port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    server.run(sockets=[listener])
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, before the model loads: loading (and `--compile`) can take
+    minutes, and only then would uvicorn find the port taken. uvicorn listens on it later."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise KtinjectError(
+            f"--host {host!r} is not an address of this machine ({exc.strerror}); use e.g. "
+            "127.0.0.1 or 0.0.0.0 (--host)."
+        ) from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise KtinjectError(
+            f"Cannot serve on {host}:{port} ({exc.strerror}); choose another --port or "
+            "--host, or stop what is using it."
+        ) from None
+    return listener
 
 
 def _is_loopback(host: str) -> bool:
