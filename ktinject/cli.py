@@ -115,8 +115,13 @@ def sampling_params(args: argparse.Namespace) -> Any:
 
 
 def load_for(args: argparse.Namespace, model: str | None) -> Any:
+    """The model for `run` / `chat`, after the flags that need no model are checked: a bad
+    --top-p or --chunk-size fails in a second, not after the weights have loaded."""
+    from ktinject.engine import check_cache_settings
     from ktinject.loading import load
 
+    sampling_params(args)
+    check_cache_settings(args.cache_lens, args.chunk_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unmatched rules are printed from the report below
         loaded = load(model, **model_kwargs(args))

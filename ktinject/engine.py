@@ -97,6 +97,14 @@ class Generation:
         return self.text
 
 
+def check_cache_settings(cache_lens: int | None, chunk_size: int) -> None:
+    """The engine's own settings, checked by `Engine` and by the CLI before a model loads."""
+    if chunk_size < 1:
+        raise KtinjectError(f"chunk_size is {chunk_size}; it must be at least 1 (--chunk-size).")
+    if cache_lens is not None and cache_lens < 2:
+        raise KtinjectError(f"cache_lens is {cache_lens}; it must be at least 2 (--cache-lens).")
+
+
 class Engine:
     """Runs a (patched) causal LM: one or more cache slots, chunked prefill, graph decode."""
 
@@ -111,14 +119,7 @@ class Engine:
         cuda_graph: bool = True,
         compile: bool = False,  # noqa: A002 - the CLI's --compile
     ) -> None:
-        if chunk_size < 1:
-            raise KtinjectError(
-                f"chunk_size is {chunk_size}; it must be at least 1 (--chunk-size)."
-            )
-        if cache_lens is not None and cache_lens < 2:
-            raise KtinjectError(
-                f"cache_lens is {cache_lens}; it must be at least 2 (--cache-lens)."
-            )
+        check_cache_settings(cache_lens, chunk_size)
         self.model = model
         self.tokenizer = tokenizer
         self.num_slots = num_slots

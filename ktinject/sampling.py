@@ -34,11 +34,15 @@ class SamplingParams:
                 f"(--max-new-tokens)."
             )
         if self.temperature < 0:
-            raise KtinjectError(f"temperature is {self.temperature}; it must be >= 0.")
+            raise KtinjectError(
+                f"temperature is {self.temperature}; it must be >= 0 (--temperature)."
+            )
         if not 0 < self.top_p <= 1:
-            raise KtinjectError(f"top_p is {self.top_p}; it must be in (0, 1].")
+            raise KtinjectError(f"top_p is {self.top_p}; it must be in (0, 1] (--top-p).")
         if self.top_k < 0:
-            raise KtinjectError(f"top_k is {self.top_k}; it must be >= 0 (0 disables it).")
+            raise KtinjectError(
+                f"top_k is {self.top_k}; it must be >= 0, 0 disabling it (--top-k)."
+            )
 
     @property
     def greedy(self) -> bool:

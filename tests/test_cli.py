@@ -98,6 +98,21 @@ def test_a_missing_model_path_is_one_sentence(tmp_path: Path) -> None:
     assert "does not exist" in error and "nope" in error
 
 
+@pytest.mark.parametrize(
+    "command, flag, value",
+    [("run", "--top-p", "2"), ("run", "--temperature", "-1"), ("run", "--top-k", "-1")]
+    + [("run", "--max-new-tokens", "0"), ("run", "--chunk-size", "0")]
+    + [("run", "--cache-lens", "1"), ("chat", "--top-p", "0")],
+)
+def test_a_bad_generation_flag_fails_before_the_model_loads(
+    tmp_path: Path, command: str, flag: str, value: str
+) -> None:
+    """The model path does not exist: the flag's error comes first, so no weights were read."""
+    words = [str(tmp_path / "nope"), "hello"] if command == "run" else [str(tmp_path / "nope")]
+    error = one_error_line(ktinject(command, *words, flag, value, stdin=""))
+    assert f"is {value}" in error.replace(".0;", ";") and flag in error
+
+
 def test_a_malformed_rule_file_names_file_and_line(tmp_path: Path) -> None:
     rules = tmp_path / "bad.yaml"
     rules.write_text("rules:\n  - match: {name: 'x'\n    replace: {class: default}\n")
