@@ -108,6 +108,8 @@ def test_a_batch_of_sequences_matches_hf_row_by_row(tmp_path, capsys):
         (["--baselines", "eager,fast"], "--baselines 'eager,fast'"),
         (["--shape", "llama-9000"], "--shape 'llama-9000' is unknown"),
         (["--long-context", "5000"], "max_position_embeddings"),
+        (["--threads", "0"], "--threads is 0"),
+        (["--device", "meta"], "--device: 'meta' holds no weights"),
     ],
 )
 def test_bad_flags_fail_in_one_sentence(flags, message):

@@ -112,6 +112,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         ("--new-tokens", settings.new_tokens, 2),
         ("--repeats", settings.repeats, 1),
         ("--batch", settings.batch, 1),
+        ("--threads", 1 if settings.threads is None else settings.threads, 1),  # None: default
     ):
         if value < least:
             raise KtinjectError(f"{flag} is {value}; it must be at least {least}.")
