@@ -186,6 +186,25 @@ def test_completions_stream_and_not(client, tokenizer, reference):
     assert chunks[-1].choices[0].finish_reason == response.choices[0].finish_reason
 
 
+def test_completions_take_token_ids_and_one_prompt_lists(client, tokenizer, reference):
+    """As OpenAI's API allows and evaluation harnesses send: ids, or a list of one prompt."""
+    prompt = "The quick brown fox"
+    ids = tokenizer(prompt)["input_ids"]
+    expected = reference(ids, 9)
+    for given in (ids, [ids], [prompt]):
+        response = client.completions.create(model="t", prompt=given, max_tokens=9, temperature=0)
+        assert response.choices[0].text == expected
+        assert response.usage.prompt_tokens == len(ids)
+    vocab = len(tokenizer)
+    refused = [([prompt, prompt], "holds 2 prompts"), ([1, vocab], f"id {vocab}")]
+    for given, message in [*refused, (5, "prompt: must be text, a list of token ids")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model="t", prompt=given, max_tokens=9, temperature=0)
+        assert message in caught.value.body["message"] and caught.value.body["param"] == "prompt"
+    response = client.completions.create(model="t", prompt=prompt, max_tokens=9, temperature=0)
+    assert response.choices[0].text == expected
+
+
 def test_stop_string_ends_with_finish_reason_stop(client):
     messages = user("stop somewhere")
     full = chat(client, messages, max_tokens=16, extra_body={"ignore_eos": True})

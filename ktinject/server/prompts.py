@@ -25,5 +25,27 @@ def chat_prompt(prompts: PromptTokenizer, messages: list[ChatMessage]) -> list[i
         ) from None
 
 
-def completion_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    return list(tokenizer(prompt)["input_ids"])
+def completion_prompt(
+    tokenizer: Any, prompt: str | list[int] | list[str] | list[list[int]]
+) -> list[int]:
+    """Text through the tokenizer; token ids as given, once checked against the vocabulary
+    (an id past it would fail inside the embedding, not as a 400)."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise RequestError(
+                f"prompt holds {len(prompt)} prompts; this server takes one per request (send "
+                "them as separate requests, which it decodes together).",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    vocab = len(tokenizer)
+    outside = [token for token in prompt if not 0 <= token < vocab]
+    if outside:
+        raise RequestError(
+            f"prompt token id {outside[0]} is outside the vocabulary [0, {vocab}); send ids of "
+            "this model's tokenizer.",
+            param="prompt",
+        )
+    return list(prompt)

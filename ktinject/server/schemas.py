@@ -7,9 +7,16 @@ by the routes with a 400. `ignore_eos` is an extension (as in vLLM) for fixed-le
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class TextPart(BaseModel):
@@ -71,7 +78,21 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str
+    """`prompt` as OpenAI takes it: text, token ids, or a list of either (evaluation harnesses
+    send their prompts tokenized, in lists); a list must hold one prompt, as `n` must be 1."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_message(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """One sentence instead of one error per member of the union."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "prompt_type", "must be text, a list of token ids, or a list of one of those"
+            ) from None
 
 
 # -- responses -----------------------------------------------------------------------------------
