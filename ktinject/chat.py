@@ -59,6 +59,12 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.engine.reset(0)
 
+    def abandon_turn(self) -> None:
+        """After a turn was stopped mid-way (Ctrl-C): the conversation stays as it was before
+        that turn. The interrupt may have come between a step's K/V write and its bookkeeping,
+        so the slot is emptied rather than trusted; the next turn prefills the conversation."""
+        self.engine.reset(0)
+
     def cache_usage(self) -> tuple[int, int | None]:
         """(positions in use, cache size) for the status line."""
         return self.engine.cached_length(0), self.engine.cache_lens

@@ -230,6 +230,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except ContextLengthError as exc:
             print(f"error: {exc} Type /reset to start a new conversation.")
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops the answer; at the prompt it quits
+            session.abandon_turn()
+            print("\n(answer stopped; this turn is not kept)")
+            continue
         print()
         print(status_line(session.last.stats, session.cache_usage()))
 

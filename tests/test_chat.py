@@ -5,6 +5,7 @@ outgrows the cache gets one sentence and keeps working after /reset."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 
@@ -95,3 +96,31 @@ def test_chat_cli_overflow_then_reset_keeps_working() -> None:
     assert len(errors) == 1 and "--cache-lens" in errors[0] and "/reset" in errors[0]
     assert "(conversation reset)" in out
     assert out.count("[prompt") == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on() -> None:
+    """Ctrl-C during an answer drops that turn (the conversation is as before it) and returns
+    to the prompt; the next turn answers as a fresh chat would."""
+    command = [sys.executable, "-m", "ktinject", "chat", "--cache-lens", "2048"]
+    chat = subprocess.Popen(
+        [*command, "--max-new-tokens", "400"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    chat.stdin.write("Tell me a long story about a dragon and a knight.\n")
+    chat.stdin.flush()
+    seen = ""
+    while "> " not in seen or len(seen.split("> ", 1)[1]) < 20:  # some of the answer streamed
+        char = chat.stdout.read(1)
+        assert char, f"chat ended before answering: {seen!r}"
+        seen += char
+    chat.send_signal(signal.SIGINT)
+    out, _ = chat.communicate(f"{TURNS[1]}\n/exit\n", timeout=300)
+    assert chat.returncode == 0
+    assert "(answer stopped; this turn is not kept)" in out
+    answer = out.split("(answer stopped; this turn is not kept)\n> ")[1].split("\n[prompt")[0]
+    fresh = chat_cli(f"{TURNS[1]}\n/exit\n", "--cache-lens", "2048")
+    assert answer == fresh.split("> ")[1].split("\n[prompt")[0]
