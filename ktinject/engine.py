@@ -125,7 +125,8 @@ class Engine:
         self.num_slots = num_slots
         self.chunk_size = chunk_size
         self.fixed_cache_lens = cache_lens
-        self.device = model.get_input_embeddings().weight.device
+        embedding = model.get_input_embeddings().weight
+        self.device, self.vocab_size = embedding.device, embedding.shape[0]
         self.specs = {
             m.layer_idx: m.cache_spec() for m in model.modules() if hasattr(m, "cache_spec")
         }
@@ -257,6 +258,7 @@ class Engine:
         self.reserve(len(token_ids), 1)
         cached = self.shared_prefix(slot, token_ids) if reuse else 0
         cached = min(cached, len(token_ids) - 1)
+        self.check_token_ids(token_ids[cached:])
         self._truncate(slot, cached)
         logits = None
         for start in range(cached, len(token_ids), self.chunk_size):
@@ -267,6 +269,7 @@ class Engine:
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
         """Feed one token per slot at its next position; return logits [B, V]."""
+        self.check_token_ids(token_ids)
         if not self.static:
             return torch.cat(
                 [
@@ -325,6 +328,17 @@ class Engine:
         """Remember which ids the last decode step cached (prefix reuse compares them)."""
         for s, t in zip(slots, token_ids, strict=True):
             self.cache.tokens[s].append(t)
+
+    def check_token_ids(self, token_ids: list[int]) -> None:
+        """Ids outside the embedding would fail inside it: an IndexError on a CPU, on a GPU a
+        device-side assert that leaves the CUDA context unusable (a server could not go on)."""
+        vocab = self.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            bad = next(t for t in token_ids if not 0 <= t < vocab)
+            raise KtinjectError(
+                f"Token id {bad} is outside the model's vocabulary [0, {vocab}); give ids of "
+                "this model's tokenizer."
+            )
 
     def reset(self, slot: int) -> None:
         self._truncate(slot, 0)

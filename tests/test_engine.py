@@ -364,6 +364,22 @@ def test_empty_prompt_is_refused(patched) -> None:
         Engine(copy.deepcopy(patched)).prefill(0, [])
 
 
+@pytest.mark.parametrize("cache_lens", [None, 64])
+def test_token_ids_outside_the_vocabulary_are_refused(patched, cache_lens: int | None) -> None:
+    """One sentence, before any compute (on a GPU the embedding's device-side assert would
+    leave the CUDA context unusable); what the slot held stays reusable."""
+    engine = Engine(copy.deepcopy(patched), cache_lens=cache_lens)
+    vocab = patched.get_input_embeddings().weight.shape[0]
+    engine.prefill(0, [1, 2, 3])
+    for bad in (vocab, -1):
+        with pytest.raises(KtinjectError, match=f"Token id {bad} is outside .*\\[0, {vocab}\\)"):
+            engine.prefill(0, [1, 2, 3, bad])
+        with pytest.raises(KtinjectError, match=f"Token id {bad}"):
+            engine.decode([0], [bad])
+    assert engine.cached_tokens(0) == [1, 2, 3]
+    assert engine.prefill(0, [1, 2, 3, 4])[1] == 3  # the history is still reused
+
+
 @pytest.mark.parametrize("cache_lens", [None, 8, 64])
 def test_warm_up_leaves_every_slot_empty(patched, cache_lens: int | None) -> None:
     engine = Engine(patched, cache_lens=cache_lens, num_slots=2)

@@ -195,7 +195,7 @@ def test_completions_take_token_ids_and_one_prompt_lists(client, tokenizer, refe
         response = client.completions.create(model="t", prompt=given, max_tokens=9, temperature=0)
         assert response.choices[0].text == expected
         assert response.usage.prompt_tokens == len(ids)
-    vocab = len(tokenizer)
+    vocab = len(tokenizer)  # the tiny model's embedding has as many rows
     refused = [([prompt, prompt], "holds 2 prompts"), ([1, vocab], f"id {vocab}")]
     for given, message in [*refused, (5, "prompt: must be text, a list of token ids")]:
         with pytest.raises(openai.BadRequestError) as caught:

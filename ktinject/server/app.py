@@ -78,7 +78,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig | None = None
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await handler.handle(
-            request, body, COMPLETION, lambda: completion_prompt(tokenizer, body.prompt)
+            request, body, COMPLETION, lambda: completion_prompt(engine, tokenizer, body.prompt)
         )
 
     return app

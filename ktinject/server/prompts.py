@@ -8,6 +8,8 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from ktinject.engine import Engine
+from ktinject.errors import KtinjectError
 from ktinject.prompt_tokens import PromptTokenizer
 from ktinject.server.errors import RequestError
 from ktinject.server.schemas import ChatMessage
@@ -26,10 +28,10 @@ def chat_prompt(prompts: PromptTokenizer, messages: list[ChatMessage]) -> list[i
 
 
 def completion_prompt(
-    tokenizer: Any, prompt: str | list[int] | list[str] | list[list[int]]
+    engine: Engine, tokenizer: Any, prompt: str | list[int] | list[str] | list[list[int]]
 ) -> list[int]:
-    """Text through the tokenizer; token ids as given, once checked against the vocabulary
-    (an id past it would fail inside the embedding, not as a 400)."""
+    """Text through the tokenizer; token ids as given, once the engine has checked them against
+    the model's vocabulary (refused here, the 400 names `prompt`)."""
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
             raise RequestError(
@@ -40,12 +42,9 @@ def completion_prompt(
         prompt = prompt[0]
     if isinstance(prompt, str):
         return list(tokenizer(prompt)["input_ids"])
-    vocab = len(tokenizer)
-    outside = [token for token in prompt if not 0 <= token < vocab]
-    if outside:
-        raise RequestError(
-            f"prompt token id {outside[0]} is outside the vocabulary [0, {vocab}); send ids of "
-            "this model's tokenizer.",
-            param="prompt",
-        )
+    if prompt:
+        try:
+            engine.check_token_ids(prompt)
+        except KtinjectError as exc:
+            raise RequestError(str(exc), param="prompt") from None
     return list(prompt)
