@@ -9,7 +9,7 @@ and the conversation is kept as it was (`/reset` starts over).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,29 @@ class TurnResult:
     @property
     def prefilled_tokens(self) -> int:
         return self.stats.prompt_tokens - self.stats.cached_tokens
+
+
+MULTILINE = '"""'  # as in ollama: a message between two of these keeps its newlines
+
+
+def read_message(read_line: Callable[[str], str]) -> str | None:
+    """One message typed at `ktinject chat`: a line, or everything between two triple quotes,
+    so a pasted paragraph is one turn rather than one turn per line. None at end of input."""
+    try:
+        line = read_line("> ").strip()
+    except EOFError:
+        return None
+    if not line.startswith(MULTILINE):
+        return line
+    lines = [line[len(MULTILINE) :]]
+    while not lines[-1].rstrip().endswith(MULTILINE):
+        try:
+            lines.append(read_line("... "))
+        except EOFError:
+            break
+    else:
+        lines[-1] = lines[-1].rstrip()[: -len(MULTILINE)]
+    return "\n".join(lines).strip()
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

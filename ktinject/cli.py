@@ -201,20 +201,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from ktinject.chat import ChatSession
+    from ktinject.chat import MULTILINE, ChatSession, read_message
     from ktinject.errors import ContextLengthError
 
     loaded = load_for(args, args.model)
     session = ChatSession(build_engine(args, loaded), sampling_params(args), system=args.system)
     mode = f"cache {args.cache_lens:,} positions" if args.cache_lens else "local mode"
-    print(f"ktinject chat ({loaded.source.label}, {mode}); /reset to start over, /exit to quit.")
+    print(
+        f"ktinject chat ({loaded.source.label}, {mode}); /reset to start over, /exit to quit, "
+        f"{MULTILINE} to begin and end a message of several lines."
+    )
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        text = read_message(input)
+        if text is None:
             print()
             return 0
-        text = line.strip()
         if not text:
             continue
         if text in ("/exit", "/quit"):

@@ -11,13 +11,42 @@ import sys
 
 import pytest
 
-from ktinject.chat import ChatSession, chat_prompt_ids
+from ktinject.chat import ChatSession, chat_prompt_ids, read_message
 from ktinject.engine import Engine
 from ktinject.errors import ContextLengthError
 from ktinject.sampling import SamplingParams
 
 TURNS = ["Hi! Who are you?", "What is 2 + 2?", "Name a color."]
 PARAMS = SamplingParams(max_new_tokens=24)
+
+
+def typed(*lines: str):
+    """An `input` that returns `lines` one by one, then raises EOFError (end of stdin)."""
+    queue = list(lines)
+
+    def read_line(prompt: str) -> str:
+        if not queue:
+            raise EOFError
+        return queue.pop(0)
+
+    return read_line
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["  hello  "], "hello"),
+        (['"""first line', "", "  indented", 'last"""', "next"], "first line\n\n  indented\nlast"),
+        (['"""', "a", '"""'], "a"),
+        (['"""one line"""'], "one line"),
+        (['"""never closed', "b"], "never closed\nb"),
+        ([], None),
+    ],
+)
+def test_a_message_is_a_line_or_the_lines_between_triple_quotes(lines, message) -> None:
+    """A pasted paragraph is one turn, as in ollama; the line after the closing quotes is not
+    part of it."""
+    assert read_message(typed(*lines)) == message
 
 
 def run_turns(session: ChatSession, turns: list[str]) -> list[tuple[str, int, int]]:
@@ -124,3 +153,9 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on() -> None:
     answer = out.split("(answer stopped; this turn is not kept)\n> ")[1].split("\n[prompt")[0]
     fresh = chat_cli(f"{TURNS[1]}\n/exit\n", "--cache-lens", "2048")
     assert answer == fresh.split("> ")[1].split("\n[prompt")[0]
+
+
+@pytest.mark.slow
+def test_chat_cli_takes_a_message_of_several_lines() -> None:
+    out = chat_cli('"""What is\n2 + 2?"""\n/exit\n', "--cache-lens", "2048")
+    assert out.count("[prompt") == 1 and "... " in out
