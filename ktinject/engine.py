@@ -9,7 +9,10 @@ Two cache back-ends, chosen from the model itself:
   Hugging Face's `DynamicCache`, one per slot.
 
 Decode runs through a captured CUDA graph on GPU; on CPU, `compile=True` (`--compile`) runs it
-through one `torch.compile` graph instead of ~20 eager ops per layer.
+through one `torch.compile` graph instead of ~20 eager ops per layer. On a CPU the engine also
+turns the model's plain float32 `nn.Linear` modules into `operators.linear.DecodeLinear` (same
+parameters; decode rows go through C dot kernels that stream weights ~2.5x faster than torch's
+GEMV), which stays so for other uses of the model.
 
 `prefill` and `decode` / `decode_sampled` are the primitives the server batches; `generate` is
 the single-sequence loop used by `run` and `chat` (and, step for step, by `bench`). Both loops
@@ -39,6 +42,7 @@ from ktinject.errors import ContextLengthError, KtinjectError
 from ktinject.placement import model_devices
 from ktinject.sampling import SamplingParams
 from operators.layer import FusedResidualDecoderLayer
+from operators.linear import decode_linears
 from operators.triton.gemv import MAX_ROWS, fused_gemv_pinned, prefer_fused_gemv
 
 DEFAULT_CHUNK_SIZE = 8192
@@ -130,6 +134,7 @@ class Engine:
         self.specs = {
             m.layer_idx: m.cache_spec() for m in model.modules() if hasattr(m, "cache_spec")
         }
+        decode_linears(model)  # CPU float32 projections decode through the C dot kernels
         self.graph_blocked_by = graph_blocker(model)  # why decode is not captured, if it is not
         self.graph_requested = cuda_graph
         self.cuda_graph = (

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from operators.base import Operator, beside, check_source
+from operators.linear import DecodeLinear
 from operators.mlp import FusedGatedMLP
 from operators.triton.fused import add_rms_norm, use_triton
 from operators.triton.gemv import MAX_ROWS, fused_gemv_preferred, norm_linear, silu_linear
@@ -117,9 +118,9 @@ class FusedResidualDecoderLayer(Operator):
 
 
 def _plain(linear: nn.Module | None, x: torch.Tensor) -> bool:
-    """A plain `nn.Linear` in the activations' dtype and on their device (what the fused
-    projections read)."""
-    return type(linear) is nn.Linear and beside(linear.weight, x)
+    """A plain `nn.Linear` (or its CPU-decode twin, the same weights) in the activations' dtype
+    and on their device (what the fused projections read)."""
+    return type(linear) in (nn.Linear, DecodeLinear) and beside(linear.weight, x)
 
 
 def _fused_silu(mlp: nn.Module, x: torch.Tensor) -> bool:

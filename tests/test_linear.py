@@ -31,11 +31,14 @@ from ktinject.engine import Engine
 from ktinject.errors import RuleError
 from operators import native
 from operators.linear import (
+    DENSE_ROWS,
     FORMATS,
     NATIVE_ROWS,
     BlockQuantLinear,
+    DecodeLinear,
     _compiled,
     block_gemv,
+    decode_linears,
     dequantize,
     quantize_blocks,
 )
@@ -161,6 +164,63 @@ def test_c_kernel_matches_the_dequantized_matmul(
     expected = x @ dequantize(packed, scales, mins, FORMATS[fmt]).T
     out = native.block_matmul(x, packed, scales, mins)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@given(
+    rows=st.integers(1, DENSE_ROWS + 3),
+    blocks=st.integers(1, 5),
+    out_features=st.integers(1, 70),
+    bias=st.booleans(),
+)
+def test_decode_linear_matches_linear(
+    rows: int, blocks: int, out_features: int, bias: bool
+) -> None:
+    """Float32 decode rows through the C dot kernels (tiles of 8, 4, 2, 1 rows), more rows
+    through nn.Linear's own forward; only the order of the float sums differs."""
+    linear = nn.Linear(32 * blocks, out_features, bias=bias)
+    operator = copy.deepcopy(linear)
+    operator.__class__ = DecodeLinear
+    x = torch.randn(1, rows, 32 * blocks)
+    with torch.inference_mode():
+        torch.testing.assert_close(operator(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_linear_uses_the_c_kernel_only_where_it_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decode rows of float32 without autograd; a training forward, other dtypes and more rows
+    take nn.Linear's forward (with its gradients)."""
+    if native.library() is None:
+        pytest.skip("no C compiler here to build operators/native")
+    calls: list[int] = []
+    dense = native.dense_matmul
+    monkeypatch.setattr(native, "dense_matmul", lambda x, w: calls.append(len(x)) or dense(x, w))
+    operator = nn.Linear(64, 16)
+    operator.__class__ = DecodeLinear
+    with torch.no_grad():
+        operator(torch.randn(3, 64))
+        operator(torch.randn(DENSE_ROWS + 1, 64))
+        operator.to(torch.bfloat16)(torch.randn(1, 64, dtype=torch.bfloat16))
+    operator.float()
+    assert calls == [3]
+    out = operator(torch.randn(2, 64))
+    assert out.requires_grad and calls == [3]
+
+
+def test_decode_linears_turns_plain_cpu_fp32_linears_keeping_ties() -> None:
+    """Engines do this to their model: the same modules and parameters, tied weights still
+    tied; widths that do not fill blocks of 32 are left alone."""
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.model.layers[0].mlp.odd = nn.Linear(33, 4)
+    before = dict(model.named_parameters())
+    changed = decode_linears(model)
+    kinds = {type(m) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert changed > 0 and kinds == {DecodeLinear, nn.Linear}
+    assert type(model.model.layers[0].mlp.odd) is nn.Linear
+    assert dict(model.named_parameters()) == before
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def test_without_a_c_compiler_the_torch_path_runs(
