@@ -41,7 +41,7 @@ class SamplingParams:
             raise KtinjectError(f"top_p is {self.top_p}; it must be in (0, 1] (--top-p).")
         if self.top_k < 0:
             raise KtinjectError(
-                f"top_k is {self.top_k}; it must be >= 0, 0 disabling it (--top-k)."
+                f"top_k is {self.top_k}; it must be >= 0, where 0 turns it off (--top-k)."
             )
 
     @property

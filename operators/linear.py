@@ -211,7 +211,7 @@ DENSE_ROWS = 8  # float32 rows (a decode batch) that the C dot kernels take on a
 class DecodeLinear(nn.Linear):
     """`nn.Linear` whose decode-sized products on a CPU (float32, up to DENSE_ROWS rows, no
     autograd) go through the C dot kernels of `operators.native`: torch's GEMV streamed a
-    float32 weight at 11-17 GB/s on a 2-core EPYC, these at 31-42 GB/s, and the projections and
+    float32 weight at 11-17 GB/s on a 2-core EPYC, these at 26-33 GB/s, and the projections and
     lm_head are most of an eager CPU decode step. Everything else is `nn.Linear`'s forward. The
     engine turns plain linears into these (`decode_linears`), keeping their parameters."""
 
@@ -239,11 +239,10 @@ def decode_linears(model: nn.Module) -> int:
     weights stay tied), only its forward differs. Returns how many changed."""
     changed = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
         if (
             type(module) is nn.Linear
-            and weight.device.type == "cpu"
-            and weight.dtype == torch.float32
+            and module.weight.device.type == "cpu"
+            and module.weight.dtype == torch.float32
             and module.in_features % BLOCK == 0
         ):
             module.__class__ = DecodeLinear

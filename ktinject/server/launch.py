@@ -241,7 +241,7 @@ def bind(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except socket.gaierror as exc:
         raise KtinjectError(
-            f"--host {host!r} is not an address of this machine ({exc.strerror}); use e.g. "
+            f"--host {host!r} does not resolve to an address ({exc.strerror}); use e.g. "
             "127.0.0.1 or 0.0.0.0 (--host)."
         ) from None
     listener = socket.socket(family, socket.SOCK_STREAM)
