@@ -207,10 +207,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     loaded = load_for(args, args.model)
     session = ChatSession(build_engine(args, loaded), sampling_params(args), system=args.system)
     mode = f"cache {args.cache_lens:,} positions" if args.cache_lens else "local mode"
-    print(
-        f"ktinject chat ({loaded.source.label}, {mode}); /reset to start over, /exit to quit, "
-        f"{MULTILINE} to begin and end a message of several lines."
+    commands = (
+        f"/reset to start over, /exit to quit, {MULTILINE} to begin and end a message of several "
+        "lines"
     )
+    print(f"ktinject chat ({loaded.source.label}, {mode}); {commands}.")
     while True:
         text = read_message(input)
         if text is None:
@@ -223,6 +224,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if text == "/reset":
             session.reset()
             print("(conversation reset)")
+            continue
+        if text.startswith("/") and " " not in text:  # e.g. /help, or a typo of a command
+            print(f"(unknown command {text}; {commands})")
             continue
         try:
             for piece in session.turn(text):

@@ -156,6 +156,10 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on() -> None:
 
 
 @pytest.mark.slow
-def test_chat_cli_takes_a_message_of_several_lines() -> None:
-    out = chat_cli('"""What is\n2 + 2?"""\n/exit\n', "--cache-lens", "2048")
-    assert out.count("[prompt") == 1 and "... " in out
+def test_chat_cli_takes_messages_of_several_lines_and_names_unknown_commands() -> None:
+    """A /word that is no command (/help, a typo of /reset) is not sent to the model; a message
+    that merely starts with a slash is."""
+    script = '/help\n/rest\n"""What is\n2 + 2?"""\n/etc/hosts is what?\n/exit\n'
+    out = chat_cli(script, "--cache-lens", "2048")
+    assert "(unknown command /help;" in out and "(unknown command /rest;" in out
+    assert out.count("[prompt") == 2 and "... " in out
