@@ -274,7 +274,7 @@ int block_matmul(const float* x, int64_t M, int64_t K, const void* packed,
 
 /* out [M, N] = x [M, K] @ W.T for a float32 weight W [N, K] (contiguous), through the dot
  * kernels: for decode batches (a few rows), where torch's GEMV streamed 11-17 GB/s of weights on
- * a 2-core EPYC and these 31-42 (numbers in operators/native/__init__.py). Returns 0, or -1
+ * a 2-core EPYC and these 26-33 (numbers in operators/native/__init__.py). Returns 0, or -1
  * when K is not a multiple of 32. */
 int dense_matmul(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out,
                  int threads) {
