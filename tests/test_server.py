@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import random
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -414,6 +415,35 @@ def test_disconnected_streams_free_their_slots(url):
                 assert next(lines).startswith("data: ")
     wait_for_metric(url, "ktinject_kv_slots_in_use", 0)
     assert metric(url, "ktinject_requests_total", outcome="cancelled") > cancelled
+
+
+def test_prompts_are_prepared_off_the_event_loop(model, tokenizer, monkeypatch, reference):
+    """While one request's prompt is templated and tokenized (held here until released), the
+    event loop still answers others: it would hang on /health if tokenizing ran on it."""
+    import ktinject.server.app as app_module
+
+    started, release = threading.Event(), threading.Event()
+    tokenize = app_module.completion_prompt
+
+    def held(*args):
+        started.set()
+        assert release.wait(60)
+        return tokenize(*args)
+
+    monkeypatch.setattr(app_module, "completion_prompt", held)
+    body = {"prompt": "The quick brown fox", "max_tokens": 9, "temperature": 0}
+    with (
+        serving(make_engine(model, tokenizer), tokenizer) as base,
+        concurrent.futures.ThreadPoolExecutor() as pool,
+    ):
+        pending = pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=60)
+        try:
+            assert started.wait(30)
+            assert httpx.get(f"{base}/health", timeout=10).json() == {"status": "ok"}
+        finally:
+            release.set()
+        answer = pending.result().json()["choices"][0]["text"]
+    assert answer == reference(tokenizer(body["prompt"])["input_ids"], 9)
 
 
 def test_a_failing_request_does_not_take_the_server_down(model, tokenizer, monkeypatch):

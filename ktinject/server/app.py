@@ -48,6 +48,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig | None = None
         try:
             yield
         finally:
+            handler.close()
             await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="ktinject", lifespan=lifespan)

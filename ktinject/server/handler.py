@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import Request, Response
@@ -100,6 +101,10 @@ class Handler:
         self.metrics = metrics
         self.config = config
         self.mailbox: Mailbox | None = None  # made on the event loop, by the first request
+        # templating and tokenizing a prompt (~9 ms for 4k tokens on a 2-core EPYC, more for
+        # longer ones) would stall every stream's delivery on the event loop; one thread, so the
+        # prompt-id cache (`ktinject.prompt_tokens`) is only ever used from it
+        self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktinject-prompts")
 
     def count(self, endpoint: str, outcome: str) -> None:
         self.metrics.requests.labels(endpoint=endpoint, outcome=outcome).inc()
@@ -111,8 +116,11 @@ class Handler:
         fmt: Format,
         prompt_ids: Callable[[], list[int]],
     ) -> Response:
+        loop = asyncio.get_running_loop()
         try:
-            seq_input = self._prepare(body, fmt, prompt_ids)
+            seq_input = await loop.run_in_executor(
+                self.preparing, self._prepare, body, fmt, prompt_ids
+            )
         except KtinjectError as exc:
             self.count(fmt.endpoint, "rejected")
             return error_response(exc, prompt_param=fmt.prompt_param)
@@ -131,10 +139,13 @@ class Handler:
             if not streaming:
                 events.close()
 
+    def close(self) -> None:
+        self.preparing.shutdown(wait=False)
+
     def _prepare(
         self, body: GenerationRequest, fmt: Format, prompt_ids: Callable[[], list[int]]
     ) -> tuple[list[int], SamplingParams]:
-        """Everything that can reject the request, before it is queued."""
+        """Everything that can reject the request, before it is queued (on `preparing`)."""
         if body.n not in (None, 1):
             raise RequestError(
                 f"n is {body.n}; this server returns one choice per request (use n=1).",
