@@ -124,29 +124,30 @@ static inline void q8_0_block(const int8_t* packed, const half* scales, int64_t 
         (void)scales, (void)mins;                                                             \
     }
 
+typedef void (*rows_fn)(const float*, int64_t, const void*, const half*, const half*,
+                        float*, int64_t);
+
+/* One format's kernels for 1, 2, 4 and 8 rows, and FMT##_kernels[R]: the one for R rows. */
+#define ROWS_KERNELS(FMT, UNPACK)                                                              \
+    ROWS_KERNEL(FMT, 1, UNPACK)                                                                \
+    ROWS_KERNEL(FMT, 2, UNPACK)                                                                \
+    ROWS_KERNEL(FMT, 4, UNPACK)                                                                \
+    ROWS_KERNEL(FMT, 8, UNPACK)                                                                \
+    static const rows_fn FMT##_kernels[] = {0, FMT##_rows_1, FMT##_rows_2, 0,                  \
+                                            FMT##_rows_4, 0, 0, 0, FMT##_rows_8};
+
 #define Q4_1 q4_1_block((const uint8_t*)packed, scales, mins, b, &wl, &wh)
 #define Q8_0 q8_0_block((const int8_t*)packed, scales, b, &wl, &wh)
 /* a plain float32 weight (bits 32): nothing to unpack, the same dot products */
 #define F32 (wl = load((const float*)packed + b * BLOCK), wh = load((const float*)packed + b * BLOCK + 16))
-ROWS_KERNEL(q4_1, 1, Q4_1)
-ROWS_KERNEL(q4_1, 2, Q4_1)
-ROWS_KERNEL(q4_1, 4, Q4_1)
-ROWS_KERNEL(q4_1, 8, Q4_1)
-ROWS_KERNEL(q8_0, 1, Q8_0)
-ROWS_KERNEL(q8_0, 2, Q8_0)
-ROWS_KERNEL(q8_0, 4, Q8_0)
-ROWS_KERNEL(q8_0, 8, Q8_0)
-ROWS_KERNEL(f32, 1, F32)
-ROWS_KERNEL(f32, 2, F32)
-ROWS_KERNEL(f32, 4, F32)
-ROWS_KERNEL(f32, 8, F32)
+ROWS_KERNELS(q4_1, Q4_1)
+ROWS_KERNELS(q8_0, Q8_0)
+ROWS_KERNELS(f32, F32)
 
-typedef void (*rows_fn)(const float*, int64_t, const void*, const half*, const half*,
-                        float*, int64_t);
-
-static const rows_fn Q4_1_KERNELS[] = {0, q4_1_rows_1, q4_1_rows_2, 0, q4_1_rows_4, 0, 0, 0, q4_1_rows_8};
-static const rows_fn Q8_0_KERNELS[] = {0, q8_0_rows_1, q8_0_rows_2, 0, q8_0_rows_4, 0, 0, 0, q8_0_rows_8};
-static const rows_fn F32_KERNELS[] = {0, f32_rows_1, f32_rows_2, 0, f32_rows_4, 0, 0, 0, f32_rows_8};
+/* The dot kernels for a weight of `bits` (4: Q4_1, 8: Q8_0, 32: float32). */
+static const rows_fn* kernels_for(int bits) {
+    return bits == 4 ? q4_1_kernels : bits == 8 ? q8_0_kernels : f32_kernels;
+}
 
 /* One weight row's operands: packed bytes, scales and (Q4_1) mins of row `row`. */
 typedef struct {
@@ -167,7 +168,7 @@ static inline weight_row row_at(const void* packed, const half* scales, const ha
 static void dot_rows(const float* x, int64_t M, int64_t K, const void* packed,
                      const half* scales, const half* mins, int64_t N, int bits, float* out,
                      int threads) {
-    const rows_fn* kernels = bits == 4 ? Q4_1_KERNELS : bits == 8 ? Q8_0_KERNELS : F32_KERNELS;
+    const rows_fn* kernels = kernels_for(bits);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const weight_row w = row_at(packed, scales, mins, K, bits, n);
@@ -292,7 +293,7 @@ int block_matmul_experts(const float* x, int64_t P, int64_t K, const int64_t* ex
     if ((bits != 4 && bits != 8) || K % BLOCK) return -1;
     for (int64_t p = 0; p < P; p++)
         if (experts[p] < 0 || experts[p] >= E) return -1;
-    const rows_fn one_row = (bits == 4 ? Q4_1_KERNELS : Q8_0_KERNELS)[1];
+    const rows_fn one_row = kernels_for(bits)[1];
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < P * N; i++) {
         const int64_t p = i / N, n = i % N;
