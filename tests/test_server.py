@@ -9,6 +9,7 @@ change a single token. One test serves the embedded SmolLM2.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import concurrent.futures
 import random
@@ -555,39 +556,39 @@ def test_background_server_connections_send_without_waiting_for_acks():
 # -- command line --------------------------------------------------------------------------------
 
 
-def test_config_file_is_overridden_by_flags(tmp_path):
-    import argparse
-
-    config = tmp_path / "serve.yaml"
-    config.write_text("cache-lens: 2048\nport: 9000\nset: [gpu=cuda:1]\nno_prefix_reuse: true\n")
+def serve_args(*argv: str) -> argparse.Namespace:
+    """`ktinject serve`'s flags, parsed."""
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    args = parser.parse_args(["--config", str(config), "--port", "9100", "--set", "threads=8"])
+    return parser.parse_args(argv)
+
+
+def test_config_file_is_overridden_by_flags(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("cache-lens: 2048\nport: 9000\nset: [gpu=cuda:1]\nno_prefix_reuse: true\n")
+    args = serve_args("--config", str(config), "--port", "9100", "--set", "threads=8")
     options = resolve_options(args)
     assert (options.cache_lens, options.port, options.no_prefix_reuse) == (2048, 9100, True)
     assert options.set == ["gpu=cuda:1", "threads=8"]
     assert (options.host, options.max_batch_size) == ("127.0.0.1", 4)
     config.write_text("cache_lenz: 1\n")
     with pytest.raises(KtinjectError, match="cache_lenz"):
-        resolve_options(parser.parse_args(["--config", str(config)]))
+        resolve_options(serve_args("--config", str(config)))
 
 
 def test_a_busy_port_is_refused_before_the_model_loads(monkeypatch):
     """Loading (and --compile) can take minutes; a taken port must fail first, in one sentence."""
-    import argparse
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the port was checked")
 
     monkeypatch.setattr("ktinject.loading.load", load)
-    parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(KtinjectError) as caught:
-            run_serve(parser.parse_args(["--port", str(port)]))
+            run_serve(serve_args("--port", str(port)))
     assert f"127.0.0.1:{port}" in str(caught.value) and "--port" in str(caught.value)
     with pytest.raises(KtinjectError, match="--host 'no-such-host.invalid'"):
         bind("no-such-host.invalid", 0)
