@@ -199,6 +199,12 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+def eager_or_op(function: Callable[..., Any], op: Callable[..., Any]) -> Callable[..., Any]:
+    """A C kernel's torch `op` inside a graph being compiled (no graph break), the ctypes
+    `function` itself otherwise: the op's dispatch costs ~10 us a call."""
+    return op if torch.compiler.is_compiling() else function
+
+
 @torch.compiler.assume_constant_result
 def native_available() -> bool:
     """Whether the C kernels are built (decided once; a compiled graph bakes the answer in)."""
@@ -227,8 +233,7 @@ class DecodeLinear(nn.Linear):
             and not torch.is_grad_enabled()
             and native_available()
         ):
-            # the op's dispatch costs ~10 us a call, which only a graph being compiled needs
-            matmul = native_dense_matmul if torch.compiler.is_compiling() else native.dense_matmul
+            matmul = eager_or_op(native.dense_matmul, native_dense_matmul)
             out = matmul(x.reshape(rows, self.in_features), self.weight)
             if self.bias is not None:
                 out += self.bias
@@ -275,8 +280,7 @@ def block_linear(
     shape = (out_features, in_features, fmt.name, packed.device)
     c_kernel_rows = dtype == torch.float32 or rows <= NATIVE_ROWS
     if packed.device.type == "cpu" and c_kernel_rows and native_available():
-        # the op's dispatch costs ~10 us a call, which only a graph being compiled needs
-        matmul = native_block_matmul if torch.compiler.is_compiling() else native.block_matmul
+        matmul = eager_or_op(native.block_matmul, native_block_matmul)
         out = matmul(x.reshape(rows, in_features).float(), packed, scales, mins)
         return out.to(dtype).reshape(*x.shape[:-1], out_features)
     if rows <= GEMV_ROWS:
