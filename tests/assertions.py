@@ -22,6 +22,23 @@ def assert_matches_oracle(actual: torch.Tensor, expected: torch.Tensor) -> None:
     )
 
 
+def assert_dot_products_close(
+    actual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
+    """`actual` is x @ weight.T (+ bias) in float32, summed in some order: every element within
+    the rounding bound of a K-term float32 sum in any order, K * eps * sum_k |x_k w_k|, of the
+    exact (float64) value. A fixed atol/rtol fails by chance on random data, where some results
+    cancel to near zero and the reordered sum keeps a few ulps of the terms."""
+    x, weight = x.double(), weight.double()
+    expected = x @ weight.T + (0 if bias is None else bias.double())
+    bound = x.shape[-1] * torch.finfo(torch.float32).eps * (x.abs() @ weight.abs().T)
+    error = (actual.double() - expected).abs()
+    worst = (error - bound).max().item()
+    assert actual.dtype == torch.float32 and worst <= 0, (
+        f"an element is {worst:.3g} past the rounding bound of its sum"
+    )
+
+
 def one_sentence(error: BaseException, *fragments: str) -> str:
     """The error's message, checked to be a single-line KtinjectError containing every fragment
     (the value, the limit, the key or flag to change)."""

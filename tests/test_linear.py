@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from assertions import one_sentence
+from assertions import assert_dot_products_close, one_sentence
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
@@ -161,9 +161,8 @@ def test_c_kernel_matches_the_dequantized_matmul(
     weight = torch.randn(out_features, 32 * blocks)
     packed, scales, mins = quantize_blocks(weight, FORMATS[fmt])
     x = torch.randn(rows, 32 * blocks)
-    expected = x @ dequantize(packed, scales, mins, FORMATS[fmt]).T
-    out = native.block_matmul(x, packed, scales, mins)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    weight = dequantize(packed, scales, mins, FORMATS[fmt])
+    assert_dot_products_close(native.block_matmul(x, packed, scales, mins), x, weight)
 
 
 @given(
@@ -182,7 +181,7 @@ def test_decode_linear_matches_linear(
     operator.__class__ = DecodeLinear
     x = torch.randn(1, rows, 32 * blocks)
     with torch.inference_mode():
-        torch.testing.assert_close(operator(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert_dot_products_close(operator(x), x, linear.weight, linear.bias)
 
 
 def test_decode_linear_uses_the_c_kernel_only_where_it_applies(
