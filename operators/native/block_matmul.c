@@ -18,8 +18,10 @@
  * The dot kernels also take plain float32 weights (`dense_matmul`): decode of an fp32 model
  * streams them faster than torch's GEMV does.
  *
- * GCC/Clang vector extensions keep it portable: 16 floats per vector, lowered to one AVX-512 or
- * two AVX2 (or four NEON) registers by -march=native.
+ * GCC/Clang vector extensions keep it portable. A vector is one register of what -march=native
+ * targets (16 floats with AVX-512, 8 with AVX/AVX2, else 4: SSE, NEON); a wider vector type is
+ * not split into registers by GCC but moved through the stack every step (16-float vectors on an
+ * AVX2 EPYC: 9-12 GB/s, slower than torch's GEMV).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -47,16 +49,27 @@ static inline float to_float(half h) {
 
 #define BLOCK 32
 #define DOT_ROWS 32 /* at most this many rows take the dot-product kernels; more, the panels */
-#define PANEL 32    /* output columns per unpacked panel */
 #define TILE_ROWS 6 /* rows per register tile of the panel kernel (12 accumulators) */
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint8_t vu8 __attribute__((vector_size(16)));
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+#define VECTORS (BLOCK / VL) /* vectors per block of 32 weights */
+#define PANEL (2 * VL)       /* output columns per unpacked panel: two vectors */
+/* vector accumulators of a dot kernel, all rows together: half the registers (AVX-512 has 32,
+ * AVX2 16), leaving the rest for a block's weights */
+#define ACCUMULATORS (VL == 16 ? 16 : 8)
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
 /* the same, for loads from any address (plain vector loads, no alignment assumed) */
-typedef float vf_any __attribute__((vector_size(64), aligned(1), may_alias));
-typedef uint8_t vu8_any __attribute__((vector_size(16), aligned(1), may_alias));
-typedef int8_t vi8_any __attribute__((vector_size(16), aligned(1), may_alias));
+typedef float vf_any __attribute__((vector_size(VL * 4), aligned(1), may_alias));
+typedef uint8_t vbytes_any __attribute__((vector_size(VL), aligned(1), may_alias));
+typedef int8_t vsbytes_any __attribute__((vector_size(VL), aligned(1), may_alias));
 
 static inline vf load(const float* p) { return *(const vf_any*)p; }
 
@@ -66,61 +79,107 @@ static inline vf load(const float* p) { return *(const vf_any*)p; }
 #endif
 #endif
 
-/* The 16 lanes added as a tree, 4 adds deep, not a chain of 16: with shuffles where the
- * compiler has them (GCC >= 12, Clang; ~10% faster at 8 rows), else through an array. */
+/* The lanes added as a tree (halves, then quarters, ...), not as a chain: with shuffles where
+ * the compiler has them (GCC >= 12, Clang; ~10% faster at 8 rows than a chain), else through an
+ * array (on AVX-512 through the stack). */
 static inline float sum(vf v) {
 #ifdef HAVE_SHUFFLEVECTOR
-    typedef float vf8 __attribute__((vector_size(32)));
     typedef float vf4 __attribute__((vector_size(16)));
-    const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
+#if VL >= 8
+    typedef float vf8 __attribute__((vector_size(32)));
+#endif
+#if VL == 16
+    const vf8 eighths = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                        __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif VL == 8
+    const vf8 eighths = v;
+#endif
+#if VL >= 8
+    const vf4 quarters = __builtin_shufflevector(eighths, eighths, 0, 1, 2, 3) +
+                         __builtin_shufflevector(eighths, eighths, 4, 5, 6, 7);
 #else
-    float eighths[8], quarters[4];
-    for (int i = 0; i < 8; i++) eighths[i] = v[i] + v[i + 8];
-    for (int i = 0; i < 4; i++) quarters[i] = eighths[i] + eighths[i + 4];
+    const vf4 quarters = v;
+#endif
     return (quarters[0] + quarters[2]) + (quarters[1] + quarters[3]);
+#else
+    float lanes[VL];
+    memcpy(lanes, &v, sizeof lanes);
+    for (int width = VL / 2; width > 0; width /= 2)
+        for (int i = 0; i < width; i++) lanes[i] += lanes[i + width];
+    return lanes[0];
 #endif
 }
 
-/* The 32 weights of block b of one weight row, as two vectors of 16. */
+/* VL bytes from p, as VL int32 lanes. GCC 12 widens a byte vector (__builtin_convertvector) one
+ * byte at a time through general registers, on AVX2 and AVX-512 alike; the intrinsics are one
+ * instruction. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline vi widen_u8(const uint8_t* p) {
+    return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+}
+static inline vi widen_s8(const int8_t* p) {
+    return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline vi widen_u8(const uint8_t* p) {
+    return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+}
+static inline vi widen_s8(const int8_t* p) {
+    return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p));
+}
+#else
+static inline vi widen_u8(const uint8_t* p) {
+    return __builtin_convertvector(*(const vbytes_any*)p, vi);
+}
+static inline vi widen_s8(const int8_t* p) {
+    return __builtin_convertvector(*(const vsbytes_any*)p, vi);
+}
+#endif
+
+/* The 32 weights of block b of one weight row, as VECTORS vectors: w[v] holds weights
+ * v * VL .. v * VL + VL - 1. Q4_1 keeps weights 0-15 in the low nibbles of its 16 bytes and
+ * 16-31 in the high ones. */
 static inline void q4_1_block(const uint8_t* packed, const half* scales, const half* mins,
-                              int64_t b, vf* low, vf* high) {
-    const vu8 q = *(const vu8_any*)(packed + b * (BLOCK / 2));
+                              int64_t b, vf* w) {
     const float d = to_float(scales[b]), m = to_float(mins[b]);
-    *low = __builtin_convertvector(__builtin_convertvector(q & 15, vi), vf) * d + m;
-    *high = __builtin_convertvector(__builtin_convertvector(q >> 4, vi), vf) * d + m;
+    for (int v = 0; v < VECTORS / 2; v++) {
+        const vi bytes = widen_u8(packed + b * (BLOCK / 2) + v * VL);
+        w[v] = __builtin_convertvector(bytes & 15, vf) * d + m;
+        w[v + VECTORS / 2] = __builtin_convertvector(bytes >> 4, vf) * d + m;
+    }
 }
 
-static inline void q8_0_block(const int8_t* packed, const half* scales, int64_t b, vf* low,
-                              vf* high) {
-    /* q + 128 as unsigned bytes: GCC widens unsigned bytes with one instruction but signed
-       ones byte by byte */
-    const vu8 u0 = (vu8) * (const vi8_any*)(packed + b * BLOCK) ^ 0x80;
-    const vu8 u1 = (vu8) * (const vi8_any*)(packed + b * BLOCK + 16) ^ 0x80;
+static inline void q8_0_block(const int8_t* packed, const half* scales, int64_t b, vf* w) {
     const float d = to_float(scales[b]);
-    *low = __builtin_convertvector(__builtin_convertvector(u0, vi) - 128, vf) * d;
-    *high = __builtin_convertvector(__builtin_convertvector(u1, vi) - 128, vf) * d;
+    for (int v = 0; v < VECTORS; v++)
+        w[v] = __builtin_convertvector(widen_s8(packed + b * BLOCK + v * VL), vf) * d;
 }
 
 /* out[r * N] = x[r] . w for R rows of x and one weight row w (R known at compile time, so the
- * accumulators stay in registers). */
+ * accumulators stay in registers). A row has A accumulators, so that R x A fill ACCUMULATORS:
+ * enough independent chains of additions for one row, a single one each for 8 rows on AVX2. */
 #define ROWS_KERNEL(FMT, R, UNPACK)                                                            \
     static void FMT##_rows_##R(const float* x, int64_t K, const void* packed,                 \
-                               const half* scales, const half* mins, float* out,      \
+                               const half* scales, const half* mins, float* out,               \
                                int64_t N) {                                                   \
-        vf low[R], high[R];                                                                   \
-        for (int r = 0; r < R; r++) low[r] = high[r] = (vf){0};                               \
+        enum { A = ACCUMULATORS / R >= VECTORS ? VECTORS : ACCUMULATORS / R };                 \
+        vf acc[R][A];                                                                         \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int a = 0; a < A; a++) acc[r][a] = (vf){0};                                  \
         for (int64_t b = 0; b < K / BLOCK; b++) {                                             \
-            vf wl, wh;                                                                        \
+            vf w[VECTORS];                                                                    \
             UNPACK;                                                                           \
-            for (int r = 0; r < R; r++) {                                                     \
-                low[r] += wl * load(x + r * K + b * BLOCK);                                   \
-                high[r] += wh * load(x + r * K + b * BLOCK + 16);                             \
-            }                                                                                 \
+            for (int v = 0; v < VECTORS; v++)                                                 \
+                for (int r = 0; r < R; r++)                                                   \
+                    acc[r][v % A] += w[v] * load(x + r * K + b * BLOCK + v * VL);             \
         }                                                                                     \
-        for (int r = 0; r < R; r++) out[r * N] = sum(low[r] + high[r]);                       \
+        for (int r = 0; r < R; r++) {                                                         \
+            vf total = acc[r][0];                                                             \
+            for (int a = 1; a < A; a++) total += acc[r][a];                                   \
+            out[r * N] = sum(total);                                                          \
+        }                                                                                     \
         (void)scales, (void)mins;                                                             \
     }
 
@@ -136,10 +195,11 @@ typedef void (*rows_fn)(const float*, int64_t, const void*, const half*, const h
     static const rows_fn FMT##_kernels[] = {0, FMT##_rows_1, FMT##_rows_2, 0,                  \
                                             FMT##_rows_4, 0, 0, 0, FMT##_rows_8};
 
-#define Q4_1 q4_1_block((const uint8_t*)packed, scales, mins, b, &wl, &wh)
-#define Q8_0 q8_0_block((const int8_t*)packed, scales, b, &wl, &wh)
+#define Q4_1 q4_1_block((const uint8_t*)packed, scales, mins, b, w)
+#define Q8_0 q8_0_block((const int8_t*)packed, scales, b, w)
 /* a plain float32 weight (bits 32): nothing to unpack, the same dot products */
-#define F32 (wl = load((const float*)packed + b * BLOCK), wh = load((const float*)packed + b * BLOCK + 16))
+#define F32 \
+    for (int v = 0; v < VECTORS; v++) w[v] = load((const float*)packed + b * BLOCK + v * VL)
 ROWS_KERNELS(q4_1, Q4_1)
 ROWS_KERNELS(q8_0, Q8_0)
 ROWS_KERNELS(f32, F32)
@@ -189,23 +249,21 @@ static void unpack_panel(const void* packed, const half* scales, const half* min
             for (int64_t k = 0; k < K; k++) panel[k * PANEL + j] = 0.0f;
             continue;
         }
-        const weight_row w = row_at(packed, scales, mins, K, bits, n0 + j);
+        const weight_row row = row_at(packed, scales, mins, K, bits, n0 + j);
         for (int64_t b = 0; b < K / BLOCK; b++) {
-            vf low, high;
+            vf w[VECTORS];
             if (bits == 4)
-                q4_1_block((const uint8_t*)w.packed, w.scales, w.mins, b, &low, &high);
+                q4_1_block((const uint8_t*)row.packed, row.scales, row.mins, b, w);
             else
-                q8_0_block((const int8_t*)w.packed, w.scales, b, &low, &high);
+                q8_0_block((const int8_t*)row.packed, row.scales, b, w);
             float* column = panel + b * BLOCK * PANEL + j;
-            for (int i = 0; i < 16; i++) {
-                column[i * PANEL] = low[i];
-                column[(i + 16) * PANEL] = high[i];
-            }
+            for (int v = 0; v < VECTORS; v++)
+                for (int i = 0; i < VL; i++) column[(v * VL + i) * PANEL] = w[v][i];
         }
     }
 }
 
-/* out[r, 0:cols] = x[r] @ panel for R rows: 2 x R vector accumulators across the panel's 32
+/* out[r, 0:cols] = x[r] @ panel for R rows: 2 x R vector accumulators across the panel's
  * columns, one broadcast of x per row and step of k. */
 #define TILE_KERNEL(R)                                                                         \
     static void tile_##R(const float* x, int64_t K, const float* panel, float* out, int64_t N,   \
@@ -213,7 +271,7 @@ static void unpack_panel(const void* packed, const half* scales, const half* min
         vf low[R], high[R];                                                                    \
         for (int r = 0; r < R; r++) low[r] = high[r] = (vf){0};                                \
         for (int64_t k = 0; k < K; k++) {                                                      \
-            const vf w0 = load(panel + k * PANEL), w1 = load(panel + k * PANEL + 16);          \
+            const vf w0 = load(panel + k * PANEL), w1 = load(panel + k * PANEL + VL);             \
             for (int r = 0; r < R; r++) {                                                      \
                 const float xr = x[r * K + k];                                                 \
                 low[r] += w0 * xr;                                                             \
@@ -221,7 +279,7 @@ static void unpack_panel(const void* packed, const half* scales, const half* min
             }                                                                                  \
         }                                                                                      \
         for (int r = 0; r < R; r++)                                                            \
-            for (int j = 0; j < cols; j++) out[r * N + j] = j < 16 ? low[r][j] : high[r][j - 16]; \
+            for (int j = 0; j < cols; j++) out[r * N + j] = j < VL ? low[r][j] : high[r][j - VL]; \
     }
 TILE_KERNEL(1)
 TILE_KERNEL(2)
