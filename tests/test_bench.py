@@ -41,7 +41,7 @@ def test_tiny_bench_writes_json_and_matches_hf(tmp_path, capsys):
 
     result = json.loads(out.read_text())
     assert {"machine", "model", "settings", "reference", "systems", "ratios"} <= set(result)
-    assert {"date", "cpu", "torch", "transformers"} <= set(result["machine"])
+    assert {"date", "cpu", "cpu_capability", "torch", "transformers"} <= set(result["machine"])
     assert result["settings"]["dtype"] == "float32"
     assert result["settings"]["cache_lens"] >= 40 + 6
     assert result["model"]["rules"].endswith("llama.yaml")
@@ -62,6 +62,8 @@ def test_tiny_bench_writes_json_and_matches_hf(tmp_path, capsys):
     }
     assert set(result["ratios"]["ktinject/hf-eager"]) == METRICS
     table = capsys.readouterr().out
+    machine = result["machine"]
+    assert f"{machine['cpu']} {machine['cpu_capability']} (cpu, " in table
     assert "decode tok/s @8" in table and "decode tok/s @40" in table
     assert "tokens equal hf-eager @40" in table
 

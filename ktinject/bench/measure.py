@@ -131,6 +131,8 @@ def machine(device: torch.device) -> dict[str, object]:
     info: dict[str, object] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": _cpu_name(),
+        # the vector instructions torch (and operators/native) use: CPU results differ by them
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

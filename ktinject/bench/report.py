@@ -180,7 +180,7 @@ def table(result: dict[str, Any]) -> str:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         f"ktinject bench · {result['model']['label']} · {settings['dtype']} on "
-        f"{machine.get('gpu') or machine['cpu']} ({settings['device']}, "
+        f"{machine.get('gpu') or _cpu(machine)} ({settings['device']}, "
         f"{settings['threads']} threads) · {machine['date']}",
         f"{_batch(settings)}new tokens {settings['new_tokens']} · "
         f"cache {settings['cache_lens']} positions · "
@@ -221,3 +221,9 @@ def _match_cell(match: dict[str, Any] | None) -> str:
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _cpu(machine: dict[str, Any]) -> str:
+    """The CPU's name and vector instructions (JSON written before they were recorded: name)."""
+    capability = machine.get("cpu_capability")
+    return f"{machine['cpu']} {capability}" if capability else machine["cpu"]
