@@ -1,10 +1,10 @@
 """Where a streamed token's time goes in the server: engine calls vs everything else.
 
-For planning speed work, not a benchmark: starts the server in-process on a model directory, wraps
-`engine.prefill` / `engine.decode` with timers, streams `--tokens` tokens through the `openai`
-client, and prints the client's time to first token and mean gap between tokens next to the time
-the worker spent inside the engine per token. A large difference is server overhead (HTTP,
-scheduling, detokenization, thread hand-offs).
+For planning speed work, not a benchmark: starts the server in-process on a model directory,
+wraps `engine.prefill` / `engine.decode_sampled` (the scheduler's decode) with timers, streams
+`--tokens` tokens through the `openai` client, and prints the client's time to first token and
+mean gap between tokens next to the time the worker spent inside the engine per token. A large
+difference is server overhead (HTTP, scheduling, detokenization, thread hand-offs).
 
     python3 benchmarks/profile_server.py /path/to/model-dir --device cuda --dtype bfloat16
 """
@@ -69,7 +69,7 @@ def main() -> None:
     engine = Engine(loaded.model, loaded.tokenizer, cache_lens=1024, num_slots=2, chunk_size=512)
     spent: dict[str, list[float]] = defaultdict(list)
     engine.prefill = timed(spent, "prefill", engine.prefill)
-    engine.decode = timed(spent, "decode", engine.decode)
+    engine.decode_sampled = timed(spent, "decode", engine.decode_sampled)
     with BackgroundServer(create_app(engine, loaded.tokenizer, ServeConfig())) as server:
         stream_once(server.url, 4)  # warm-up
         for round_ in range(args.rounds):
