@@ -154,8 +154,8 @@ def test_c_kernel_matches_the_dequantized_matmul(
     fmt: str, rows: int, blocks: int, out_features: int
 ) -> None:
     """Every row count (dot products in tiles of 8, 4, 2 and 1 rows up to 32 rows; unpacked
-    panels of 32 columns times tiles of up to 6 rows beyond), output counts that leave a part
-    of a panel, both formats."""
+    panels of 32 or 16 columns (AVX-512, AVX2) times tiles of up to 6 rows beyond), output
+    counts that leave a part of a panel, both formats."""
     if native.library() is None:
         pytest.skip("no C compiler here to build operators/native")
     weight = torch.randn(out_features, 32 * blocks)

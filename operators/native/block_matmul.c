@@ -4,11 +4,11 @@
  * A few rows (a decode batch, up to DOT_ROWS): each program unpacks a block once into float
  * registers and takes its dot products with up to 8 rows, so the unpacking is shared by the
  * batch; inductor's loop for the same expression unpacks once per row. More rows (prefill):
- * the weight is unpacked 32 output columns at a time into a panel that stays in the core's
- * cache, and a register-blocked kernel multiplies it with 6 rows at a time, so the unpacked
- * weight never goes through memory (dequantizing it first and calling an fp32 matmul writes and
- * reads it there: slower than a matmul of an fp32 weight, where this is faster). Numbers in
- * operators/native/__init__.py.
+ * the weight is unpacked PANEL output columns (two vectors) at a time into a panel that stays
+ * in the core's cache, and a register-blocked kernel multiplies it with 6 rows at a time, so the
+ * unpacked weight never goes through memory (dequantizing it first and calling an fp32 matmul
+ * writes and reads it there: slower than a matmul of an fp32 weight, where this is faster).
+ * Numbers in operators/native/__init__.py.
  *
  * The unpacked weight is exact: the product of a 4- or 8-bit integer and a float16 scale fits
  * in a float32 mantissa, so d*q + m rounds once whether or not the compiler fuses it, exactly
@@ -291,7 +291,7 @@ TILE_KERNEL(6)
 typedef void (*tile_fn)(const float*, int64_t, const float*, float*, int64_t, int64_t);
 static const tile_fn TILES[] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
 
-/* Panels: each thread unpacks 32 output columns at a time and multiplies them with all rows.
+/* Panels: each thread unpacks PANEL output columns at a time and multiplies them with all rows.
  * Returns -1 when a thread's panel buffer cannot be allocated. */
 static int panel_rows(const float* x, int64_t M, int64_t K, const void* packed,
                       const half* scales, const half* mins, int64_t N, int bits,
