@@ -669,8 +669,18 @@ class CompiledDecode:
         # Inductor inlines cheap elementwise producers into their consumers; inlined into a
         # GEMV, a norm's output is recomputed once per output row (measured 2x slower on the
         # SmolLM2 projections). Realizing values read more than once keeps them computed once.
+        # Dynamo guards every module attribute and parameter it read (~270 tensors for SmolLM2):
+        # 2.7 ms of each call on a 2-core AVX2 EPYC, 0.6 ms without the module guards (decode
+        # 4-10% faster, same process). Skipping them is safe here: the engine owns the model,
+        # and nothing changes its modules after the engine is built (the operators are in
+        # place, linears already `DecodeLinear`); the cache and step inputs stay guarded.
         self.forward = torch.compile(
-            self.function, fullgraph=True, options={"realize_reads_threshold": 1}
+            self.function,
+            fullgraph=True,
+            options={
+                "realize_reads_threshold": 1,
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+            },
         )
 
     def run(
