@@ -77,7 +77,7 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMPILE_HELP = (
-    "CPU: decode through torch.compile (the first run compiles for up to a minute; inductor "
+    "CPU: decode through torch.compile (the first run compiles for a minute or two; inductor "
     "caches the kernels on disk, later runs take seconds)"
 )
 
@@ -133,7 +133,7 @@ def load_for(args: argparse.Namespace, model: str | None) -> Any:
 def build_engine(args: argparse.Namespace, loaded: Any, *, prompt_tokens: int | None = None) -> Any:
     """The engine for `run` / `chat`. `prompt_tokens` (run): check that prompt and size a
     local-mode cache for it before warming up, so a prompt that cannot fit is refused before
-    `--compile` spends up to a minute compiling."""
+    `--compile` spends a minute or two compiling."""
     from ktinject.engine import Engine
 
     engine = Engine(

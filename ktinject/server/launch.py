@@ -117,7 +117,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         default=None,
-        help="CPU: decode through torch.compile, compiled at start-up (up to a minute the first "
+        help="CPU: decode through torch.compile, compiled at start-up (a minute or two the first "
         "time; inductor caches the kernels on disk)",
     )
 
@@ -225,7 +225,7 @@ def _serve(options: ServeOptions, listener: socket.socket) -> int:
     )
     if engine.compiled is not None:  # the port opens only after warm-up: say why it waits
         print(
-            "ktinject: compiling the decode step before serving (the first time up to a minute "
+            "ktinject: compiling the decode step before serving (the first time a minute or two "
             "for one row and as much for several; inductor keeps the kernels on disk)...",
             file=sys.stderr,
         )
