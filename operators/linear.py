@@ -212,17 +212,19 @@ def native_available() -> bool:
 
 
 # float32 rows (a decode batch, a new chat turn's few tokens) that the C dot kernels take on a
-# CPU: against torch's matmul on a 2-core EPYC 1.3-2.1x at 8 rows, 1.0-1.5x at 16, 0.9-1.4x at
-# 24, 0.7-1.2x at 32 (SmolLM2 and Llama-3-8B shapes)
+# CPU: against torch's matmul on a 2-core AVX-512 EPYC 1.3-2.1x at 8 rows, 1.0-1.5x at 16,
+# 0.9-1.4x at 24, 0.7-1.2x at 32 (SmolLM2 and Llama-3-8B shapes); on an AVX2 EPYC 1.3-3.1x at
+# 8 rows, 0.9-2.5x at 16
 DENSE_ROWS = 16
 
 
 class DecodeLinear(nn.Linear):
     """`nn.Linear` whose decode-sized products on a CPU (float32, up to DENSE_ROWS rows, no
     autograd) go through the C dot kernels of `operators.native`: torch's GEMV streamed a
-    float32 weight at 11-17 GB/s on a 2-core EPYC, these at 26-33 GB/s, and the projections and
-    lm_head are most of an eager CPU decode step. Everything else is `nn.Linear`'s forward. The
-    engine turns plain linears into these (`decode_linears`), keeping their parameters."""
+    float32 weight at 11-17 GB/s on a 2-core AVX-512 EPYC, these at 26-33 GB/s (on an AVX2 one
+    that reads ~19 GB/s: torch up to ~9, these 12-19), and the projections and lm_head are most
+    of an eager CPU decode step. Everything else is `nn.Linear`'s forward. The engine turns plain
+    linears into these (`decode_linears`), keeping their parameters."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
