@@ -47,14 +47,16 @@ def smollm2():
 
 @pytest.fixture(params=[True, False], ids=["C kernel", "torch"])
 def with_native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both CPU paths of block-quantized operators: the C kernels of `operators.native`, and
-    the torch path taken where no C compiler builds them."""
+    """Both CPU paths of the operators that have C kernels (block-quantized linears and experts,
+    decode attention): the kernels of `operators.native`, and the torch path taken where no C
+    compiler builds them."""
+    import operators.attention
     import operators.experts
     import operators.linear
     from operators import native
 
     if request.param and native.library() is None:
         pytest.skip("no C compiler here to build operators/native")
-    for module in (operators.linear, operators.experts):
+    for module in (operators.linear, operators.experts, operators.attention):
         monkeypatch.setattr(module, "native_available", lambda: request.param)
     return request.param

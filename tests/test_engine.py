@@ -99,9 +99,10 @@ def test_reuse_of_identical_prompt_recomputes_at_least_one_token(patched) -> Non
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_two_slots_decode_together_like_one_at_a_time(patched, compiled: bool) -> None:
+def test_two_slots_decode_together_like_one_at_a_time(patched, compiled: bool, with_native) -> None:
     """Rows of different lengths in one step; compiled, the step is one torch.compile graph whose
-    attention reads up to the longest row (a symbolic size) and masks the shorter one."""
+    attention reads each row's length (C kernel) or up to the longest row (torch: a symbolic
+    size) and masks the shorter one."""
     other = [2, 4, 6, 8, 10]
     expected = [greedy(Engine(patched), p, 6) for p in (PROMPT, other)]
     engine = Engine(patched, cache_lens=64, num_slots=2, compile=compiled)

@@ -79,9 +79,9 @@ def test_prefill_logits_match_hf(pair) -> None:
     assert_logits_close(logits, expected)
 
 
-def test_decode_logits_match_hf(pair) -> None:
+def test_decode_logits_match_hf(pair, with_native) -> None:
     """Logits of every decode step, fed the same tokens, against one HF forward of the whole
-    sequence."""
+    sequence (decode attention through the C kernel and through torch)."""
     _, reference, patched = pair
     tokens = PROMPT + hf_greedy(reference, PROMPT, 8)
     with torch.inference_mode():

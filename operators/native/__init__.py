@@ -24,6 +24,10 @@ there the SmolLM2 MLP's weight (576 x 1,536) takes 0.23 ms in float32 and 0.07 m
 one row, 0.30 and 0.17 ms for 8 rows; a Llama-3-8B MLP weight (4,096 x 14,336) 11.9 and 3.6 ms
 for one row (float32 at ~20 GB/s, the memory's rate).
 
+`decode_attention.c` is the CPU's decode attention: each row's keys and values read in place
+for all the query heads that share them, where torch had to gather a masked copy of them first
+(`operators.attention.native_attention_fits` has its numbers).
+
 Where no compiler (or no OpenMP) is available, `library()` warns once and returns None, and the
 callers keep their torch path: same results, slower. `KTINJECT_NATIVE=0` chooses that path on
 purpose (for A/B runs).
@@ -47,7 +51,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("block_matmul.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "block_matmul.c", HERE / "decode_attention.c")
+HEADERS = (HERE / "vectors.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BITS = {torch.uint8: 4, torch.int8: 8}  # packed dtype -> format (Q4_1, Q8_0)
 
@@ -63,20 +69,20 @@ def _cpu_identity() -> str:
 
 
 def _build(compiler: str) -> Path:
-    """The shared library for this source, compiler and CPU, compiled unless already cached."""
+    """The shared library for these sources, compiler and CPU, compiled unless already cached."""
     from ktinject.loading import cache_root
 
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode()]))
+    texts = [path.read_bytes() for path in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256(b"\0".join([*texts, compiler.encode(), " ".join(FLAGS).encode()]))
     key.update(_cpu_identity().encode())
-    target = cache_root() / "native" / f"block_matmul-{key.hexdigest()[:16]}.so"
+    target = cache_root() / "native" / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -103,7 +109,8 @@ def library() -> ctypes.CDLL | None:
         )
         return None
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for function in (lib.block_matmul, lib.block_matmul_experts, lib.dense_matmul):
+    kernels = (lib.block_matmul, lib.block_matmul_experts, lib.dense_matmul, lib.decode_attention)
+    for function in kernels:
         function.restype = ctypes.c_int
     # x, M, K, w, N, out, threads
     lib.dense_matmul.argtypes = [pointer, size, size, pointer, size, pointer, flag]
@@ -114,6 +121,11 @@ def library() -> ctypes.CDLL | None:
         *[pointer, size, size, pointer, size],
         *[pointer] * 3,
         *[size, flag, pointer, flag],
+    ]
+    # q, B, Hq, D, k_cache, v_cache, S, Hkv, L, slots, lens, scale, out, threads
+    lib.decode_attention.argtypes = [
+        *[pointer, size, size, size, pointer, pointer, size, size, size, pointer, pointer],
+        *[ctypes.c_float, pointer, flag],
     ]
     return lib
 
@@ -209,5 +221,59 @@ def block_matmul_experts(
         raise ValueError(
             f"block_matmul_experts needs whole blocks of 32 features (got {x.shape[1]}) and "
             f"expert ids in [0, {count}) (got {experts.tolist()})"
+        )
+    return out
+
+
+def fits_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes these tensors: float32 on a CPU, caches contiguous, a
+    head size that is whole vectors on every CPU (a multiple of 16) and whole query groups."""
+    tensors = (q, k_cache, v_cache)
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and q.shape[-1] % 16 == 0
+        and q.shape[1] % k_cache.shape[1] == 0
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query per row `q [B, Hq, D]` over the first `seq_lens[b]` positions of
+    cache slot `slots[b]` (caches `[S, Hkv, L, D]`), read in place: the contract of
+    `operators.triton.decode_attention.decode_attention_reference`, for contiguous float32 CPU
+    tensors with D a multiple of the vector width (`fits_decode_attention`). Needs `library()`."""
+    q = q.contiguous()
+    rows = slots.to(torch.int64).contiguous()
+    lens = seq_lens.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    status = _built().decode_attention(
+        q.data_ptr(),
+        *q.shape,
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        *k_cache.shape[:3],
+        rows.data_ptr(),
+        lens.data_ptr(),
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status == -3:
+        raise MemoryError("decode_attention could not allocate its scratch memory")
+    if status:
+        raise ValueError(
+            f"decode_attention needs slots in [0, {k_cache.shape[0]}) and lengths in "
+            f"[1, {k_cache.shape[2]}], got slots {rows.tolist()} and lengths {lens.tolist()}"
+            if status == -2
+            else f"decode_attention cannot take q {tuple(q.shape)} over a cache "
+            f"{tuple(k_cache.shape)}: see fits_decode_attention"
         )
     return out

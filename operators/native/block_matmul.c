@@ -18,14 +18,13 @@
  * The dot kernels also take plain float32 weights (`dense_matmul`): decode of an fp32 model
  * streams them faster than torch's GEMV does.
  *
- * GCC/Clang vector extensions keep it portable. A vector is one register of what -march=native
- * targets (16 floats with AVX-512, 8 with AVX/AVX2, else 4: SSE, NEON); a wider vector type is
- * not split into registers by GCC but moved through the stack every step (16-float vectors on an
- * AVX2 EPYC: 9-12 GB/s, slower than torch's GEMV).
+ * GCC/Clang vector extensions keep it portable; vectors.h says how wide a vector is.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "vectors.h"
 
 /* float16 scales: the compiler's _Float16 where it has one (GCC >= 12 on x86, Clang), else
  * the bits converted by hand (GCC 11, still common), once per block of 32 weights */
@@ -51,64 +50,16 @@ static inline float to_float(half h) {
 #define DOT_ROWS 32 /* at most this many rows take the dot-product kernels; more, the panels */
 #define TILE_ROWS 6 /* rows per register tile of the panel kernel (12 accumulators) */
 
-#if defined(__AVX512F__)
-#define VL 16
-#elif defined(__AVX__)
-#define VL 8
-#else
-#define VL 4
-#endif
 #define VECTORS (BLOCK / VL) /* vectors per block of 32 weights */
 #define PANEL (2 * VL)       /* output columns per unpacked panel: two vectors */
 /* vector accumulators of a dot kernel, all rows together: half the registers (AVX-512 has 32,
  * AVX2 16), leaving the rest for a block's weights */
 #define ACCUMULATORS (VL == 16 ? 16 : 8)
 
-typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
-/* the same, for loads from any address (plain vector loads, no alignment assumed) */
-typedef float vf_any __attribute__((vector_size(VL * 4), aligned(1), may_alias));
+/* byte vectors, for loads from any address */
 typedef uint8_t vbytes_any __attribute__((vector_size(VL), aligned(1), may_alias));
 typedef int8_t vsbytes_any __attribute__((vector_size(VL), aligned(1), may_alias));
-
-static inline vf load(const float* p) { return *(const vf_any*)p; }
-
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-#define HAVE_SHUFFLEVECTOR
-#endif
-#endif
-
-/* The lanes added as a tree (halves, then quarters, ...), not as a chain: with shuffles where
- * the compiler has them (GCC >= 12, Clang; ~10% faster at 8 rows than a chain), else through an
- * array (on AVX-512 through the stack). */
-static inline float sum(vf v) {
-#ifdef HAVE_SHUFFLEVECTOR
-    typedef float vf4 __attribute__((vector_size(16)));
-#if VL >= 8
-    typedef float vf8 __attribute__((vector_size(32)));
-#endif
-#if VL == 16
-    const vf8 eighths = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                        __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#elif VL == 8
-    const vf8 eighths = v;
-#endif
-#if VL >= 8
-    const vf4 quarters = __builtin_shufflevector(eighths, eighths, 0, 1, 2, 3) +
-                         __builtin_shufflevector(eighths, eighths, 4, 5, 6, 7);
-#else
-    const vf4 quarters = v;
-#endif
-    return (quarters[0] + quarters[2]) + (quarters[1] + quarters[3]);
-#else
-    float lanes[VL];
-    memcpy(lanes, &v, sizeof lanes);
-    for (int width = VL / 2; width > 0; width /= 2)
-        for (int i = 0; i < width; i++) lanes[i] += lanes[i + width];
-    return lanes[0];
-#endif
-}
 
 /* VL bytes from p, as VL int32 lanes. GCC 12 widens a byte vector (__builtin_convertvector) one
  * byte at a time through general registers, on AVX2 and AVX-512 alike; the intrinsics are one
