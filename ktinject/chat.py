@@ -15,7 +15,7 @@ from typing import Any
 
 from ktinject.engine import Engine, GenerationStats
 from ktinject.prompt_tokens import PromptTokenizer
-from ktinject.sampling import SamplingParams
+from ktinject.settings import SamplingParams
 
 
 @dataclass

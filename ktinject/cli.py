@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -102,7 +103,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace) -> Any:
-    from ktinject.sampling import SamplingParams
+    from ktinject.settings import SamplingParams
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -116,12 +117,15 @@ def sampling_params(args: argparse.Namespace) -> Any:
 
 def load_for(args: argparse.Namespace, model: str | None) -> Any:
     """The model for `run` / `chat`, after the flags that need no model are checked: a bad
-    --top-p or --chunk-size fails in a second, not after the weights have loaded."""
-    from ktinject.engine import check_cache_settings
-    from ktinject.loading import load
+    --top-p, --chunk-size or model path fails at once, before torch is even imported."""
+    from ktinject.settings import check_cache_settings
+    from ktinject.sources import resolve_source
 
     sampling_params(args)
     check_cache_settings(args.cache_lens, args.chunk_size)
+    resolve_source(model)
+    from ktinject.loading import load
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unmatched rules are printed from the report below
         loaded = load(model, **model_kwargs(args))
@@ -174,8 +178,6 @@ def status_line(stats: Any, cache: tuple[int, int | None] | None = None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ktinject.chat import chat_prompt_ids
-
     if len(args.words) > 2:
         raise KtinjectError(
             f"run takes [MODEL] PROMPT, got {len(args.words)} arguments; quote the prompt."
@@ -184,6 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         (args.words[0], args.words[1]) if len(args.words) == 2 else (None, args.words[0])
     )
     loaded = load_for(args, model)
+    from ktinject.chat import chat_prompt_ids
+
     tokenizer = loaded.tokenizer
     if args.raw or not getattr(tokenizer, "chat_template", None):
         ids = tokenizer(prompt)["input_ids"]
@@ -201,10 +205,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    loaded = load_for(args, args.model)
     from ktinject.chat import MULTILINE, ChatSession, read_message
     from ktinject.errors import ContextLengthError
 
-    loaded = load_for(args, args.model)
     session = ChatSession(build_engine(args, loaded), sampling_params(args), system=args.system)
     mode = f"cache {args.cache_lens:,} positions" if args.cache_lens else "local mode"
     commands = (
@@ -349,10 +353,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_libraries() -> None:
-    """transformers' advisory warnings are noise on a CLI; errors still surface."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    """transformers' advisory warnings are noise on a CLI; errors still surface. Said through
+    its environment variable (unless the user set one), which it reads when first imported:
+    importing it here would cost a flag error or `--help` over a second."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 if __name__ == "__main__":

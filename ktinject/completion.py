@@ -14,7 +14,8 @@ import torch
 
 from ktinject.detokenize import StreamDecoder
 from ktinject.devices import host_ints_to
-from ktinject.sampling import SamplingParams, make_generator, sample
+from ktinject.sampling import make_generator, sample
+from ktinject.settings import SamplingParams
 from ktinject.stopping import StopMatcher
 
 

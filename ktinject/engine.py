@@ -41,7 +41,7 @@ from ktinject.completion import Completion
 from ktinject.devices import host_ints_to
 from ktinject.errors import ContextLengthError, KtinjectError
 from ktinject.placement import model_devices
-from ktinject.sampling import SamplingParams
+from ktinject.settings import SamplingParams, check_cache_settings
 from operators.layer import FusedResidualDecoderLayer
 from operators.linear import decode_linears
 from operators.triton.gemv import MAX_ROWS, fused_gemv_pinned, prefer_fused_gemv
@@ -100,14 +100,6 @@ class Generation:
         for _ in self:
             pass
         return self.text
-
-
-def check_cache_settings(cache_lens: int | None, chunk_size: int) -> None:
-    """The engine's own settings, checked by `Engine` and by the CLI before a model loads."""
-    if chunk_size < 1:
-        raise KtinjectError(f"chunk_size is {chunk_size}; it must be at least 1 (--chunk-size).")
-    if cache_lens is not None and cache_lens < 2:
-        raise KtinjectError(f"cache_lens is {cache_lens}; it must be at least 2 (--cache-lens).")
 
 
 class Engine:

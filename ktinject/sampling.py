@@ -6,47 +6,11 @@ only the chosen token id is read back (for streaming and stop checks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from ktinject.errors import KtinjectError
+from ktinject.settings import SamplingParams
 
 TOP_P_CANDIDATES = 256  # entries a CPU orders before falling back to a full sort (top_p_filter)
-
-
-@dataclass
-class SamplingParams:
-    """What to generate. `temperature == 0` means greedy (and ignores top-k/top-p/seed)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise KtinjectError(
-                f"max_new_tokens is {self.max_new_tokens}; it must be at least 1 "
-                f"(--max-new-tokens)."
-            )
-        if self.temperature < 0:
-            raise KtinjectError(
-                f"temperature is {self.temperature}; it must be >= 0 (--temperature)."
-            )
-        if not 0 < self.top_p <= 1:
-            raise KtinjectError(f"top_p is {self.top_p}; it must be in (0, 1] (--top-p).")
-        if self.top_k < 0:
-            raise KtinjectError(
-                f"top_k is {self.top_k}; it must be >= 0, where 0 turns it off (--top-k)."
-            )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -93,6 +93,26 @@ def test_a_device_that_does_not_exist_is_one_sentence(smollm2, tmp_path: Path) -
     assert "cuda:3" in error and "--set gpu=cpu" in error
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["run", "--help"], ["run", "nope/", "hi"], ["chat", "--top-k", "-1"]],
+    ids=["help", "run help", "missing path", "bad flag"],
+)
+def test_help_and_early_errors_do_not_import_torch(args: list[str]) -> None:
+    """Importing torch and transformers takes seconds; help and a mistake in the command line
+    answer before that."""
+    probe = (
+        "import sys; from ktinject.cli import main\n"
+        f"try: main({args!r})\n"
+        "except SystemExit: pass\n"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.splitlines()[-1] == "[]", result.stderr
+
+
 def test_a_missing_model_path_is_one_sentence(tmp_path: Path) -> None:
     error = one_error_line(ktinject("run", str(tmp_path / "nope"), "hello"))
     assert "does not exist" in error and "nope" in error

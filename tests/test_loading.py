@@ -26,16 +26,20 @@ from ktinject import loading
 from ktinject.errors import DeviceError, KtinjectError, ModelSourceError
 from ktinject.inject import place
 from ktinject.loading import (
-    EMBEDDED_WHEEL,
     check_gguf_supported,
     convert_gguf,
     converted_dir,
-    embedded_gguf_path,
     load,
-    resolve_source,
     rules_for,
 )
 from ktinject.rules import builtin_rules_dir
+from ktinject.sources import (
+    EMBEDDED_NAME,
+    EMBEDDED_WHEEL,
+    ModelSource,
+    embedded_gguf_path,
+    resolve_source,
+)
 from operators.mlp import FusedGatedMLP
 
 MISSING_CUDA = f"cuda:{torch.cuda.device_count() + 3}"
@@ -88,14 +92,14 @@ def test_no_source_is_the_embedded_model() -> None:
 
     assert source.kind == "embedded"
     assert source.path.suffix == ".gguf" and source.path.is_file()
-    assert source.label == loading.EMBEDDED_NAME
+    assert source.label == EMBEDDED_NAME
     assert resolve_source("") == source
 
 
 def test_a_gguf_file_is_a_gguf_source(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "model.gguf", "llama")
 
-    assert resolve_source(path) == loading.ModelSource("gguf", path.resolve())
+    assert resolve_source(path) == ModelSource("gguf", path.resolve())
     assert resolve_source(str(path)).kind == "gguf"
 
 

@@ -22,7 +22,6 @@ from pydantic import BaseModel
 
 from ktinject.engine import Engine
 from ktinject.errors import KtinjectError
-from ktinject.sampling import SamplingParams
 from ktinject.server.config import ServeConfig
 from ktinject.server.context import max_new_tokens_for
 from ktinject.server.delivery import Inbox, Mailbox
@@ -32,6 +31,7 @@ from ktinject.server.metrics import ServerMetrics
 from ktinject.server.scheduler import Scheduler
 from ktinject.server.schemas import GenerationRequest
 from ktinject.server.sequence import Delta, Event, Failed, Finished, Sequence
+from ktinject.settings import SamplingParams
 
 POLL_S = 0.25  # how often a request waiting without events checks that its client is still there
 CLIENT_GONE = 499  # status never seen by anyone; recorded for logs (nginx's convention)

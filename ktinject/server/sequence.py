@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ktinject.completion import Completion
-from ktinject.sampling import SamplingParams
+from ktinject.settings import SamplingParams
 
 
 @dataclass(frozen=True)

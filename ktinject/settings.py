@@ -1,0 +1,51 @@
+"""What a user asks the engine for (sampling, cache sizes), checked without torch: the CLI
+refuses a bad flag in a fraction of a second instead of after importing torch and loading a
+model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ktinject.errors import KtinjectError
+
+
+@dataclass
+class SamplingParams:
+    """What to generate. `temperature == 0` means greedy (and ignores top-k/top-p/seed)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise KtinjectError(
+                f"max_new_tokens is {self.max_new_tokens}; it must be at least 1 "
+                f"(--max-new-tokens)."
+            )
+        if self.temperature < 0:
+            raise KtinjectError(
+                f"temperature is {self.temperature}; it must be >= 0 (--temperature)."
+            )
+        if not 0 < self.top_p <= 1:
+            raise KtinjectError(f"top_p is {self.top_p}; it must be in (0, 1] (--top-p).")
+        if self.top_k < 0:
+            raise KtinjectError(
+                f"top_k is {self.top_k}; it must be >= 0, where 0 turns it off (--top-k)."
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def check_cache_settings(cache_lens: int | None, chunk_size: int) -> None:
+    """The engine's own settings, checked by `Engine` and by the CLI before a model loads."""
+    if chunk_size < 1:
+        raise KtinjectError(f"chunk_size is {chunk_size}; it must be at least 1 (--chunk-size).")
+    if cache_lens is not None and cache_lens < 2:
+        raise KtinjectError(f"cache_lens is {cache_lens}; it must be at least 2 (--cache-lens).")
