@@ -321,7 +321,7 @@ def native_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     2-core AVX2 EPYC (2026-11-29), SDPA over each row's view 9.6-11.7 ms; whole decode steps at
     1,000-1,032 context, two engines alternating in one process: eager fp32 78 vs 87 ms, compiled
     `llama-cpu-q4` 32 vs 34 ms against its gathered, masked torch reference."""
-    return native_available() and native.fits_decode_attention(q, k_cache, v_cache)
+    return native.fits_decode_attention(q, k_cache, v_cache) and native_available()
 
 
 @torch.library.custom_op("ktinject::decode_attention", mutates_args=())
