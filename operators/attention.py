@@ -24,6 +24,7 @@ from ktinject.errors import RuleError
 from operators import native
 from operators.base import Operator, beside, check_source, fuse_keys_on_load, fused_linear
 from operators.linear import eager_or_op, linear_dtype_device, native_available
+from operators.native import ops as native_ops
 from operators.triton.decode_attention import decode_attention_reference
 from operators.triton.fused import (
     rope,
@@ -278,7 +279,7 @@ class StaticCacheAttention(Operator):
                 **rotation,
             )
         elif native_attention_fits(q, k_cache, v_cache):
-            attention = eager_or_op(native.decode_attention, native_decode_attention)
+            attention = eager_or_op(native.decode_attention, native_ops.decode_attention)
             out = attention(q[:, :, 0], k_cache, v_cache, rows, context.seq_lens, self.scaling)
         else:
             out = decode_attention_reference(
@@ -322,32 +323,6 @@ def native_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     1,000-1,032 context, two engines alternating in one process: eager fp32 78 vs 87 ms, compiled
     `llama-cpu-q4` 32 vs 34 ms against its gathered, masked torch reference."""
     return native.fits_decode_attention(q, k_cache, v_cache) and native_available()
-
-
-@torch.library.custom_op("ktinject::decode_attention", mutates_args=())
-def native_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """`operators.native.decode_attention` as a torch op: a compiled decode step reads the cache
-    in place through it instead of gathering a masked copy of every row's keys and values."""
-    return native.decode_attention(q, k_cache, v_cache, slots, seq_lens, scale)
-
-
-@native_decode_attention.register_fake
-def _(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    return torch.empty_like(q)
 
 
 def chunk_attention(
