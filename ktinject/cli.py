@@ -341,8 +341,8 @@ LAZY_COMMANDS: list[tuple[str, str, str, str, Callable[[argparse.Namespace], int
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()  # before `serve` or `bench` imports their stack in build_parser
     args = build_parser(argv).parse_args(argv)
-    _quiet_libraries()
     try:
         return args.handler(args)
     except KtinjectError as exc:

@@ -242,12 +242,12 @@ class StaticCacheAttention(Operator):
         """One new token per row: write it at `positions`, attend over `seq_lens` positions."""
         k_cache, v_cache = context.cache.kv[self.layer_idx]
         if context.host_rows is not None and not use_triton(q):
-            if not native_attention_fits(q, k_cache, v_cache):
-                return self._decode_rows(q, k, v, k_cache, v_cache, context.host_rows)
-            for row, (slot, position) in enumerate(context.host_rows):  # no index tensors
+            for row, (slot, position) in enumerate(context.host_rows):  # slices, no index tensors
                 k_cache[slot, :, position] = k[row, :, 0]
                 v_cache[slot, :, position] = v[row, :, 0]
-            return self._attend_cache(q, context)
+            if native_attention_fits(q, k_cache, v_cache):
+                return self._attend_cache(q, context)
+            return self._attend_rows(q, k_cache, v_cache, context.host_rows)
         rows, positions = context.slots, context.positions[:, 0]
         write = write_kv if use_triton(q) else write_kv_reference
         write(k[:, :, 0], v[:, :, 0], k_cache, v_cache, rows, positions)
@@ -287,22 +287,18 @@ class StaticCacheAttention(Operator):
             )
         return out[:, None]
 
-    def _decode_rows(
+    def _attend_rows(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         host_rows: list[tuple[int, int]],
     ) -> torch.Tensor:
         """Eager CPU decode where the C kernel does not apply: slots and positions are known on
-        the host, so each row writes with a slice and attends over a view of exactly its valid
-        prefix (no gather, no masking)."""
+        the host, so each row attends over a view of exactly its valid prefix (no gather, no
+        masking)."""
         outs = []
         for row, (slot, position) in enumerate(host_rows):
-            k_cache[slot, :, position] = k[row, :, 0]
-            v_cache[slot, :, position] = v[row, :, 0]
             end = position + 1
             outs.append(
                 F.scaled_dot_product_attention(

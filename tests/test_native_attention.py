@@ -80,3 +80,6 @@ def test_what_the_kernel_does_not_take_stays_with_torch() -> None:
     odd = torch.zeros(1, 2, 8, 8)
     assert not native.fits_decode_attention(torch.zeros(1, 4, 8), odd, odd)
     assert not native.fits_decode_attention(torch.zeros(1, 3, 16), cache, cache)
+    rows = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="fits_decode_attention"):  # not silently wrong
+        native.decode_attention(q, cache[:, :, :4], cache[:, :, :4], *rows, 1.0)

@@ -250,6 +250,11 @@ def decode_attention(
     cache slot `slots[b]` (caches `[S, Hkv, L, D]`), read in place: the contract of
     `operators.triton.decode_attention.decode_attention_reference`, for contiguous float32 CPU
     tensors with D a multiple of the vector width (`fits_decode_attention`). Needs `library()`."""
+    if not fits_decode_attention(q, k_cache, v_cache) or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"decode_attention cannot take q {tuple(q.shape)} ({q.dtype}) over caches "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}: see fits_decode_attention"
+        )
     q = q.contiguous()
     rows = slots.to(torch.int64).contiguous()
     lens = seq_lens.to(torch.int64).contiguous()
@@ -272,8 +277,5 @@ def decode_attention(
         raise ValueError(
             f"decode_attention needs slots in [0, {k_cache.shape[0]}) and lengths in "
             f"[1, {k_cache.shape[2]}], got slots {rows.tolist()} and lengths {lens.tolist()}"
-            if status == -2
-            else f"decode_attention cannot take q {tuple(q.shape)} over a cache "
-            f"{tuple(k_cache.shape)}: see fits_decode_attention"
         )
     return out
