@@ -8,24 +8,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_triton_decode_attention import make_case, naive_oracle
 
 from operators import native
 
 pytestmark = pytest.mark.skipif(
     native.library() is None, reason="no C compiler here to build operators/native"
 )
-
-
-def float64_attention(q, k_cache, v_cache, slots, lens, scale) -> torch.Tensor:
-    """Row b's query heads over the first lens[b] positions of slot slots[b], in float64."""
-    group = q.shape[1] // k_cache.shape[1]
-    rows = []
-    for b, (slot, length) in enumerate(zip(slots.tolist(), lens.tolist(), strict=True)):
-        keys = k_cache[slot, :, :length].double().repeat_interleave(group, dim=0)
-        values = v_cache[slot, :, :length].double().repeat_interleave(group, dim=0)
-        scores = torch.einsum("hd,hld->hl", q[b].double(), keys) * scale
-        rows.append(torch.einsum("hl,hld->hd", scores.softmax(-1), values))
-    return torch.stack(rows)
 
 
 @st.composite
@@ -43,18 +32,21 @@ def problems(draw):
 @given(problems())
 def test_kernel_matches_float64_attention(problem) -> None:
     batch, kv_heads, group, head_dim, slots_count, length, slots, lens, seed = problem
-    generator = torch.Generator().manual_seed(seed)
-    shape = (slots_count, kv_heads, length, head_dim)
-    k_cache = torch.randn(shape, generator=generator)
-    v_cache = torch.randn(shape, generator=generator)
-    q = torch.randn(batch, kv_heads * group, head_dim, generator=generator)
-    slots, lens = torch.tensor(slots), torch.tensor(lens, dtype=torch.int32)
-    expected = float64_attention(q, k_cache, v_cache, slots, lens, head_dim**-0.5)
-    for slot, valid in zip(slots.tolist(), lens.tolist(), strict=True):  # must never be read
-        k_cache[slot, :, valid:] = float("nan")
-        v_cache[slot, :, valid:] = float("nan")
+    case = make_case(  # every position no row may read holds NaN
+        batch,
+        kv_heads * group,
+        kv_heads,
+        length,
+        head_dim,
+        torch.tensor(lens, dtype=torch.int32),
+        S=slots_count,
+        slots=slots,
+        seed=seed,
+    )
+    q, k_cache, v_cache, slots, lens = (t.cpu() for t in case)
     out = native.decode_attention(q, k_cache, v_cache, slots, lens, head_dim**-0.5)
     assert out.dtype == torch.float32 and out.shape == q.shape
+    expected = naive_oracle(q, k_cache, v_cache, slots, lens, head_dim**-0.5)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
