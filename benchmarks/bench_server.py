@@ -6,7 +6,8 @@
     `openai` client spends ~17 ms of its own (2-core EPYC) checking a 60-message body before it
     sends anything, the same with and without reuse, and that is the client's time, not serving.
 (b) Aggregate decode throughput of `--streams` concurrent streams vs one stream
-    (target on GPU: >= 4x), through the `openai` client in a process of its own.
+    (target on GPU: >= 4x), each stream through the `openai` client in a process of its own,
+    alternating for `--repeats` rounds (medians).
 
 Both sides of each ratio run in the same process on the same engine. Prints a table and writes
 JSON (`--out`). On CPU use small sizes, e.g. `--history-tokens 1000 --stream-tokens 32`.
@@ -15,13 +16,13 @@ JSON (`--out`). On CPU use small sizes, e.g. `--history-tokens 1000 --stream-tok
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing
 import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,53 +131,83 @@ def bench_history(engine: Engine, tokenizer: Any, args: argparse.Namespace, reus
     }
 
 
-async def _streams(url: str, count: int, tokens: int) -> tuple[int, float]:
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0) as client:
-
-        async def one(i: int, max_tokens: int) -> int:
-            stream = await client.chat.completions.create(
-                model="m",
-                messages=[{"role": "user", "content": f"Write story number {i}."}],
-                max_tokens=max_tokens,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True},
-            )
-            return [chunk.usage async for chunk in stream if chunk.usage][0].completion_tokens
-
-        # untimed: opens the connections and lets the client load what its first response
-        # needs, which a fresh process would otherwise count as serving time
-        await asyncio.gather(*(one(i, 1) for i in range(count)))
-        started = time.perf_counter()
-        generated = sum(await asyncio.gather(*(one(i, tokens) for i in range(count))))
-        return generated, time.perf_counter() - started
+Streamer = Callable[[int, int], int]  # (stream index, max tokens) -> completion tokens
 
 
-def _client_process(url: str, count: int, tokens: int, results: Any) -> None:
-    results.put(asyncio.run(_streams(url, count, tokens)))
+def openai_streamer(url: str) -> Streamer:
+    """Streams through the official `openai` client (one connection, reused)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+
+    def stream(index: int, max_tokens: int) -> int:
+        chunks = client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": f"Write story number {index}."}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        return [chunk.usage for chunk in chunks if chunk.usage][0].completion_tokens
+
+    return stream
 
 
-def streams_from_another_process(url: str, count: int, tokens: int) -> tuple[int, float]:
-    """`count` concurrent streams from a client process of their own, as real clients are: in
-    this process the client's per-chunk parsing would compete with the server for the GIL."""
+def _client_process(
+    streamer: Callable[[str], Streamer], url: str, index: int, tokens: int, start: Any, results: Any
+) -> None:
+    """One client: an untimed one-token stream (opens the connection and loads what the client
+    needs for a response), then, once every client is ready, the measured stream."""
+    stream = streamer(url)
+    stream(index, 1)
+    start.wait()
+    began = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+    generated = stream(index, tokens)
+    results.put((generated, began, time.perf_counter()))
+
+
+def streams_from_other_processes(
+    url: str, count: int, tokens: int, streamer: Callable[[str], Streamer] = openai_streamer
+) -> tuple[int, float]:
+    """`count` concurrent streams, each from a client process of its own, as real clients are.
+    One process reading every stream capped what it measured: the `openai` client spends ~0.7 ms
+    of CPU on each streamed chunk (2-core EPYC, 2026-11-29), so 8 streams in one process could
+    not read more than ~1,400 chunks a second, whatever the server sent. Returns the tokens
+    generated and the seconds from the first stream's start to the last one's end."""
     context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    client = context.Process(target=_client_process, args=(url, count, tokens, results))
-    client.start()
+    start, results = context.Barrier(count), context.Queue()
+    clients = [
+        context.Process(target=_client_process, args=(streamer, url, i, tokens, start, results))
+        for i in range(count)
+    ]
+    for client in clients:
+        client.start()
     try:
-        return results.get(timeout=600)
+        done = [results.get(timeout=600) for _ in clients]
     finally:
-        client.join()
+        for client in clients:
+            client.join()
+    generated = sum(n for n, _, _ in done)
+    return generated, max(end for _, _, end in done) - min(began for _, began, _ in done)
 
 
 def bench_throughput(engine: Engine, tokenizer: Any, args: argparse.Namespace) -> dict:
+    """One stream and `--streams` streams, alternating for `--repeats` rounds (medians)."""
+    rounds: dict[int, list[tuple[int, float]]] = {1: [], args.streams: []}
     with BackgroundServer(create_app(engine, tokenizer, ServeConfig())) as server:
-        streams_from_another_process(server.url, args.streams, 4)  # warm-up
-        results = {}
-        for count in (1, args.streams):
-            generated, seconds = streams_from_another_process(server.url, count, args.stream_tokens)
-            results[count] = {"tokens": generated, "seconds": seconds, "tok_s": generated / seconds}
+        for _ in range(args.repeats):
+            for count in rounds:
+                rounds[count].append(
+                    streams_from_other_processes(server.url, count, args.stream_tokens)
+                )
+    results = {}
+    for count, measured in rounds.items():
+        rates = [generated / seconds for generated, seconds in measured]
+        results[count] = {
+            "tokens": measured[0][0],
+            "seconds": [seconds for _, seconds in measured],
+            "tok_s": statistics.median(rates),
+        }
     return results
 
 

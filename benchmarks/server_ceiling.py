@@ -1,0 +1,121 @@
+"""How fast the server itself can stream: its tokens per second when the model step is free.
+
+For planning server work on a machine without a GPU, not a benchmark against a baseline. Each
+decode step of the engine is replaced by a wait of `--step-ms` that leaves the GIL free and
+holds up only the step after it, as a step queued on a GPU does (the host prepares step n+1 while
+the device runs step n); sampling gives a fixed token, as an argmax queued on the device would
+(on a CPU the real one reads the whole vocabulary's logits). Everything else runs as served:
+scheduler, detokenizing, events, SSE, HTTP. Each stream is a client process of its own reading
+lines with httpx: the `openai` client spends ~0.7 ms of CPU a chunk (~3x this reader) and on a
+2-core machine measures itself more than the server (`bench_server.py` uses it, for the real
+thing on a GPU).
+
+On a 2-core EPYC (2026-11-29), SmolLM2's tokenizer, `--step-ms 1`: one stream ~950 tok/s (the
+step's bound, 1,000), eight streams 5,500-6,000 tok/s (1.3-1.45 ms a step): 5.8-6.4x.
+
+    python3 benchmarks/server_ceiling.py /path/to/model-dir --step-ms 1 --streams 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import httpx
+import torch
+from bench_server import Streamer, streams_from_other_processes
+
+import ktinject.server.scheduler
+from ktinject.engine import Engine
+from ktinject.loading import load
+from ktinject.server.app import create_app
+from ktinject.server.background import BackgroundServer
+from ktinject.server.config import ServeConfig
+
+
+def httpx_streamer(url: str) -> Streamer:
+    """Streams read as lines; only the usage chunk is parsed."""
+    http = httpx.Client(base_url=url, timeout=600)
+
+    def stream(index: int, max_tokens: int) -> int:
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": f"Write story number {index}."}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
+        usage = None
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if line.startswith("data: {") and '"usage":{' in line:
+                    usage = json.loads(line.removeprefix("data: "))["usage"] or usage
+        return usage["completion_tokens"]
+
+    return stream
+
+
+def simulate_device(engine: Engine, step_s: float, token: int) -> None:
+    """Make `engine`'s decode steps a queue of depth one on a pretend device (see the module
+    docstring); the cache lengths advance as in a real step."""
+    logits = torch.zeros(engine.num_slots, engine.vocab_size)
+    logits[:, token] = 1.0
+    picks = torch.full((engine.num_slots,), token)
+    done_at = 0.0
+
+    def step(slots: list[int], token_ids: Any) -> torch.Tensor:
+        nonlocal done_at
+        now = time.perf_counter()
+        if now < done_at:
+            time.sleep(done_at - now)
+        done_at = max(now, done_at) + step_s
+        for slot in slots:
+            engine.cache.lengths[slot] += 1
+        return logits[: len(slots)]
+
+    engine._decode_static = step
+    ktinject.server.scheduler.sample_rows = lambda completions, _: picks[: len(completions)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=None, help="default: embedded SmolLM2")
+    parser.add_argument("--step-ms", type=float, default=1.0, help="the pretend device's step")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--stream-tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    loaded = load(args.model, progress=False)
+    engine = Engine(
+        loaded.model, loaded.tokenizer, cache_lens=args.stream_tokens + 64, num_slots=args.streams
+    )
+    token = loaded.tokenizer.encode(" the", add_special_tokens=False)[0]
+    simulate_device(engine, args.step_ms / 1e3, token)
+    rates: dict[int, list[float]] = {1: [], args.streams: []}
+    with BackgroundServer(create_app(engine, loaded.tokenizer, ServeConfig())) as server:
+        for _ in range(args.rounds):
+            for count, measured in rates.items():
+                generated, seconds = streams_from_other_processes(
+                    server.url, count, args.stream_tokens, httpx_streamer
+                )
+                measured.append(generated / seconds)
+    one, many = (statistics.median(rates[count]) for count in (1, args.streams))
+    print(f"pretend device step {args.step_ms} ms ({1e3 / args.step_ms:,.0f} steps/s)")
+    print(f"1 stream: {one:,.0f} tok/s  (rounds: {', '.join(f'{r:,.0f}' for r in rates[1])})")
+    print(
+        f"{args.streams} streams: {many:,.0f} tok/s, {args.streams / many * 1e3:.2f} ms a step  "
+        f"(rounds: {', '.join(f'{r:,.0f}' for r in rates[args.streams])})"
+    )
+    print(f"ratio: {many / one:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
