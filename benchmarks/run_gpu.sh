@@ -65,7 +65,7 @@ step llama3-8b-eager 110 "${BENCH[@]}" --shape llama3-8b "${COMMON[@]}" --long-c
 step server 100 bash -c "python3 benchmarks/random_weights.py .gpu-assets/smollm2 \
     /tmp/smollm2-random --device cuda && python3 benchmarks/bench_server.py /tmp/smollm2-random \
     --device cuda --dtype bfloat16 --history-tokens 4000 --repeats 2 --streams 8 \
-    --stream-tokens 256 --out $OUT/server.json"
+    --stream-tokens 512 --out $OUT/server.json"
 
 # both decode graphs the engine chooses between (separate kernels / fused Triton projections and
 # attention), and prefills of 128 and 4,096 tokens, kernel by kernel, for the next round of speed

@@ -10,8 +10,9 @@ lines with httpx: the `openai` client spends ~0.7 ms of CPU a chunk (~3x this re
 2-core machine measures itself more than the server (`bench_server.py` uses it, for the real
 thing on a GPU).
 
-On a 2-core EPYC (2026-11-29), SmolLM2's tokenizer, `--step-ms 1`: one stream ~950 tok/s (the
-step's bound, 1,000), eight streams 5,500-6,000 tok/s (1.3-1.45 ms a step): 5.8-6.4x.
+On a 2-core EPYC (2026-11-29), SmolLM2's tokenizer, 1,024 tokens a stream: with a 1 ms step one
+stream ~980 tok/s (the step's bound), eight streams 6,521 tok/s (6.7x); with 0.5 ms, 1,931 and
+10,437 tok/s (5.4x: 0.77 ms of host work a step of eight).
 
     python3 benchmarks/server_ceiling.py /path/to/model-dir --step-ms 1 --streams 8
 """
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", nargs="?", default=None, help="default: embedded SmolLM2")
     parser.add_argument("--step-ms", type=float, default=1.0, help="the pretend device's step")
     parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--stream-tokens", type=int, default=256)
+    parser.add_argument("--stream-tokens", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     loaded = load(args.model, progress=False)
