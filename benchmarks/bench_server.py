@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
+from stream_clients import streams_from_processes
 
 from ktinject.chat import chat_prompt_ids
 from ktinject.engine import Engine
@@ -131,75 +129,13 @@ def bench_history(engine: Engine, tokenizer: Any, args: argparse.Namespace, reus
     }
 
 
-Streamer = Callable[[int, int], int]  # (stream index, max tokens) -> completion tokens
-
-
-def openai_streamer(url: str) -> Streamer:
-    """Streams through the official `openai` client (one connection, reused)."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
-
-    def stream(index: int, max_tokens: int) -> int:
-        chunks = client.chat.completions.create(
-            model="m",
-            messages=[{"role": "user", "content": f"Write story number {index}."}],
-            max_tokens=max_tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
-        )
-        return [chunk.usage for chunk in chunks if chunk.usage][0].completion_tokens
-
-    return stream
-
-
-def _client_process(
-    streamer: Callable[[str], Streamer], url: str, index: int, tokens: int, start: Any, results: Any
-) -> None:
-    """One client: an untimed one-token stream (opens the connection and loads what the client
-    needs for a response), then, once every client is ready, the measured stream."""
-    stream = streamer(url)
-    stream(index, 1)
-    start.wait()
-    began = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
-    generated = stream(index, tokens)
-    results.put((generated, began, time.perf_counter()))
-
-
-def streams_from_other_processes(
-    url: str, count: int, tokens: int, streamer: Callable[[str], Streamer] = openai_streamer
-) -> tuple[int, float]:
-    """`count` concurrent streams, each from a client process of its own, as real clients are.
-    One process reading every stream capped what it measured: the `openai` client spends ~0.7 ms
-    of CPU on each streamed chunk (2-core EPYC, 2026-11-29), so 8 streams in one process could
-    not read more than ~1,400 chunks a second, whatever the server sent. Returns the tokens
-    generated and the seconds from the first stream's start to the last one's end."""
-    context = multiprocessing.get_context("spawn")
-    start, results = context.Barrier(count), context.Queue()
-    clients = [
-        context.Process(target=_client_process, args=(streamer, url, i, tokens, start, results))
-        for i in range(count)
-    ]
-    for client in clients:
-        client.start()
-    try:
-        done = [results.get(timeout=600) for _ in clients]
-    finally:
-        for client in clients:
-            client.join()
-    generated = sum(n for n, _, _ in done)
-    return generated, max(end for _, _, end in done) - min(began for _, began, _ in done)
-
-
 def bench_throughput(engine: Engine, tokenizer: Any, args: argparse.Namespace) -> dict:
     """One stream and `--streams` streams, alternating for `--repeats` rounds (medians)."""
     rounds: dict[int, list[tuple[int, float]]] = {1: [], args.streams: []}
     with BackgroundServer(create_app(engine, tokenizer, ServeConfig())) as server:
         for _ in range(args.repeats):
             for count in rounds:
-                rounds[count].append(
-                    streams_from_other_processes(server.url, count, args.stream_tokens)
-                )
+                rounds[count].append(streams_from_processes(server.url, count, args.stream_tokens))
     results = {}
     for count, measured in rounds.items():
         rates = [generated / seconds for generated, seconds in measured]

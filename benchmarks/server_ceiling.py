@@ -11,8 +11,8 @@ lines with httpx: the `openai` client spends ~0.7 ms of CPU a chunk (~3x this re
 thing on a GPU).
 
 On a 2-core EPYC (2026-11-29), SmolLM2's tokenizer, 1,024 tokens a stream: with a 1 ms step one
-stream ~980 tok/s (the step's bound), eight streams 6,521 tok/s (6.7x); with 0.5 ms, 1,931 and
-10,437 tok/s (5.4x: 0.77 ms of host work a step of eight).
+stream 984 tok/s (the step's bound), eight streams 7,080 tok/s (7.2x); with 0.5 ms, 1,919 and
+11,365 tok/s (5.9x: 0.70 ms of host work a step of eight).
 
     python3 benchmarks/server_ceiling.py /path/to/model-dir --step-ms 1 --streams 8
 """
@@ -20,15 +20,13 @@ stream ~980 tok/s (the step's bound), eight streams 6,521 tok/s (6.7x); with 0.5
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from typing import Any
 
-import httpx
 import torch
-from bench_server import Streamer, streams_from_other_processes
+from stream_clients import streams_from_processes
 
 import ktinject.server.scheduler
 from ktinject.engine import Engine
@@ -36,31 +34,6 @@ from ktinject.loading import load
 from ktinject.server.app import create_app
 from ktinject.server.background import BackgroundServer
 from ktinject.server.config import ServeConfig
-
-
-def httpx_streamer(url: str) -> Streamer:
-    """Streams read as lines; only the usage chunk is parsed."""
-    http = httpx.Client(base_url=url, timeout=600)
-
-    def stream(index: int, max_tokens: int) -> int:
-        body = {
-            "model": "m",
-            "messages": [{"role": "user", "content": f"Write story number {index}."}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "ignore_eos": True,
-        }
-        usage = None
-        with http.stream("POST", "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            for line in response.iter_lines():
-                if line.startswith("data: {") and '"usage":{' in line:
-                    usage = json.loads(line.removeprefix("data: "))["usage"] or usage
-        return usage["completion_tokens"]
-
-    return stream
 
 
 def simulate_device(engine: Engine, step_s: float, token: int) -> None:
@@ -103,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     with BackgroundServer(create_app(engine, loaded.tokenizer, ServeConfig())) as server:
         for _ in range(args.rounds):
             for count, measured in rates.items():
-                generated, seconds = streams_from_other_processes(
-                    server.url, count, args.stream_tokens, httpx_streamer
+                generated, seconds = streams_from_processes(
+                    server.url, count, args.stream_tokens, client="httpx"
                 )
                 measured.append(generated / seconds)
     one, many = (statistics.median(rates[count]) for count in (1, args.streams))
