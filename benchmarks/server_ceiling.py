@@ -1,10 +1,11 @@
-"""How fast the server itself can stream: its tokens per second when the model step is free.
+"""What the server's own work allows: streams and first-token time with a pretend GPU.
 
 For planning server work on a machine without a GPU, not a benchmark against a baseline. Each
 decode step of the engine is replaced by a wait of `--step-ms` that leaves the GIL free and
 holds up only the step after it, as a step queued on a GPU does (the host prepares step n+1 while
 the device runs step n); sampling gives a fixed token, as an argmax queued on the device would
-(on a CPU the real one reads the whole vocabulary's logits). Everything else runs as served:
+(on a CPU the real one reads the whole vocabulary's logits); a prefill chunk waits
+`--prefill-ms` plus `--prefill-us-per-token` per token. Everything else runs as served:
 scheduler, detokenizing, events, SSE, HTTP. Each stream is a client process of its own reading
 lines with httpx: the `openai` client spends ~0.7 ms of CPU a chunk (~3x this reader) and on a
 2-core machine measures itself more than the server (`bench_server.py` uses it, for the real
@@ -12,7 +13,9 @@ thing on a GPU).
 
 On a 2-core EPYC (2026-11-29), SmolLM2's tokenizer, 1,024 tokens a stream: with a 1 ms step one
 stream 984 tok/s (the step's bound), eight streams 7,080 tok/s (7.2x); with 0.5 ms, 1,919 and
-11,365 tok/s (5.9x: 0.70 ms of host work a step of eight).
+11,365 tok/s (5.9x: 0.70 ms of host work a step of eight). Time to first token of a turn after a
+4,117-token history, prefill 1 ms + 10 us a token (SmolLM2 on an H200): 10.7 ms with reuse, 50.4
+without (4.7x): the host's share of a long-history request, not the prefill, decides that ratio.
 
     python3 benchmarks/server_ceiling.py /path/to/model-dir --step-ms 1 --streams 8
 """
@@ -26,6 +29,7 @@ import time
 from typing import Any
 
 import torch
+from bench_server import bench_history
 from stream_clients import streams_from_processes
 
 import ktinject.server.scheduler
@@ -36,26 +40,43 @@ from ktinject.server.background import BackgroundServer
 from ktinject.server.config import ServeConfig
 
 
-def simulate_device(engine: Engine, step_s: float, token: int) -> None:
-    """Make `engine`'s decode steps a queue of depth one on a pretend device (see the module
-    docstring); the cache lengths advance as in a real step."""
-    logits = torch.zeros(engine.num_slots, engine.vocab_size)
-    logits[:, token] = 1.0
-    picks = torch.full((engine.num_slots,), token)
-    done_at = 0.0
+class PretendDevice:
+    """Stands in for the GPU behind `engine` (see the module docstring): decode steps are queued
+    one deep, a prefill chunk costs `prefill_s + token_s` per token and is waited for (its logits
+    are sampled on the host); the cache's lengths and token ids advance as in real steps."""
 
-    def step(slots: list[int], token_ids: Any) -> torch.Tensor:
-        nonlocal done_at
+    def __init__(
+        self, engine: Engine, token: int, *, step_s: float, prefill_s: float, token_s: float
+    ) -> None:
+        self.engine = engine
+        self.step_s, self.prefill_s, self.token_s = step_s, prefill_s, token_s
+        self.logits = torch.zeros(engine.num_slots, engine.vocab_size)
+        self.logits[:, token] = 1.0
+        self.picks = torch.full((engine.num_slots,), token)
+        self.done_at = 0.0  # when the last queued work ends
+        engine._decode_static = self.decode_step
+        engine._forward_chunk = self.prefill_chunk
+        ktinject.server.scheduler.sample_rows = lambda rows, _: self.picks[: len(rows)]
+
+    def _queue(self, seconds: float, *, wait_for_it: bool) -> None:
         now = time.perf_counter()
-        if now < done_at:
-            time.sleep(done_at - now)
-        done_at = max(now, done_at) + step_s
-        for slot in slots:
-            engine.cache.lengths[slot] += 1
-        return logits[: len(slots)]
+        if not wait_for_it and now < self.done_at:  # the step before this one
+            time.sleep(self.done_at - now)
+        self.done_at = max(now, self.done_at) + seconds
+        if wait_for_it:
+            time.sleep(self.done_at - now)
 
-    engine._decode_static = step
-    ktinject.server.scheduler.sample_rows = lambda completions, _: picks[: len(completions)]
+    def decode_step(self, slots: list[int], token_ids: Any) -> torch.Tensor:
+        self._queue(self.step_s, wait_for_it=False)
+        for slot in slots:
+            self.engine.cache.lengths[slot] += 1
+        return self.logits[: len(slots)]
+
+    def prefill_chunk(self, slot: int, start: int, chunk: list[int]) -> torch.Tensor:
+        self._queue(self.prefill_s + self.token_s * len(chunk), wait_for_it=True)
+        self.engine.cache.lengths[slot] = start + len(chunk)
+        self.engine.cache.tokens[slot].extend(chunk)
+        return self.logits[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,13 +86,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--stream-tokens", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefill-ms", type=float, default=1.0, help="a prefill chunk's own cost")
+    parser.add_argument(
+        "--prefill-us-per-token", type=float, default=10.0, help="(SmolLM2 on an H200: ~10)"
+    )
+    parser.add_argument("--history-tokens", type=int, default=4000)
     args = parser.parse_args(argv)
+    args.repeats, args.answer_tokens = args.rounds, 16  # for bench_server.bench_history
     loaded = load(args.model, progress=False)
     engine = Engine(
-        loaded.model, loaded.tokenizer, cache_lens=args.stream_tokens + 64, num_slots=args.streams
+        loaded.model,
+        loaded.tokenizer,
+        cache_lens=max(args.stream_tokens + 64, args.history_tokens + 512),
+        num_slots=args.streams,
     )
     token = loaded.tokenizer.encode(" the", add_special_tokens=False)[0]
-    simulate_device(engine, args.step_ms / 1e3, token)
+    PretendDevice(
+        engine,
+        token,
+        step_s=args.step_ms / 1e3,
+        prefill_s=args.prefill_ms / 1e3,
+        token_s=args.prefill_us_per_token / 1e6,
+    )
+    reuse, fresh = (
+        bench_history(engine, loaded.tokenizer, args, reuse=reuse) for reuse in (True, False)
+    )
     rates: dict[int, list[float]] = {1: [], args.streams: []}
     with BackgroundServer(create_app(engine, loaded.tokenizer, ServeConfig())) as server:
         for _ in range(args.rounds):
@@ -88,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(rounds: {', '.join(f'{r:,.0f}' for r in rates[args.streams])})"
     )
     print(f"ratio: {many / one:.2f}x")
+    print(
+        f"time to first token, {reuse['prompt_tokens']:,}-token prompt: "
+        f"{reuse['ttft_s'] * 1e3:.1f} ms reusing {reuse['cached_tokens']:,}, "
+        f"{fresh['ttft_s'] * 1e3:.1f} ms without: {fresh['ttft_s'] / reuse['ttft_s']:.1f}x "
+        f"(pretend prefill {args.prefill_ms} ms + {args.prefill_us_per_token} us a token)"
+    )
     return 0
 
 
