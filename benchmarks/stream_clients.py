@@ -93,17 +93,17 @@ def streams_from_processes(
     """`count` concurrent streams of `tokens` tokens, one client process each, started together
     once all are ready. Returns the tokens generated and the seconds from the first stream's
     start to the last one's end."""
-    command = [sys.executable, str(Path(__file__).resolve()), url, "", str(tokens), client]
-    processes = []
+    script = str(Path(__file__).resolve())
+    processes: list[subprocess.Popen[str]] = []
     try:
         for index in range(count):
-            command[3] = str(index)
+            command = [sys.executable, script, url, str(index), str(tokens), client]
             processes.append(
                 subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             )
         for process in processes:
             if process.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"a client did not start: {' '.join(command)}")
+                raise RuntimeError(f"a client did not start: {' '.join(process.args)}")
         for process in processes:
             process.stdin.write("go\n")
             process.stdin.flush()
