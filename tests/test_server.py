@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import json
 import random
 import socket
 import threading
@@ -464,12 +465,14 @@ def test_a_failing_request_does_not_take_the_server_down(model, tokenizer, monke
                 chat(client, user("fail me"), max_tokens=5)
             with pytest.raises(openai.APIError, match="boom"):
                 list(chat(client, user("fail me"), max_tokens=5, stream=True))
-            patch.setattr(engine, "prefill", refused)  # before the first token: plain 400
+            patch.setattr(engine, "prefill", refused)  # a plain 400, or the stream's error
             with pytest.raises(openai.BadRequestError, match="not today"):
-                chat(client, user("fail me"), max_tokens=5, stream=True)
+                chat(client, user("fail me"), max_tokens=5)
+            with pytest.raises(openai.APIError, match="not today"):
+                list(chat(client, user("fail me"), max_tokens=5, stream=True))
         assert chat(client, user("fine again"), max_tokens=5).choices[0].finish_reason
         assert metric(base, "ktinject_kv_slots_in_use") == 0
-        assert metric(base, "ktinject_requests_total", outcome="error") == 3
+        assert metric(base, "ktinject_requests_total", outcome="error") == 4
 
 
 # -- protocol, auth, metrics ---------------------------------------------------------------------
@@ -620,6 +623,75 @@ def test_smollm2_conversation_reuses_history(smollm2):
     assert reused.choices[0].message.content == fresh.choices[0].message.content
 
 
+def test_a_stream_starts_while_its_prompt_is_prefilled(model, tokenizer, monkeypatch, reference):
+    """Headers and the opening chunk do not wait for the first token (held here in prefill)."""
+    engine = make_engine(model, tokenizer)
+    started, release = threading.Event(), threading.Event()
+    prefill = engine.prefill
+
+    def held(*args, **kwargs):
+        started.set()
+        assert release.wait(60)
+        return prefill(*args, **kwargs)
+
+    body = {"prompt": "The quick brown fox", "max_tokens": 9, "temperature": 0, "stream": True}
+    with serving(engine, tokenizer) as base:
+        monkeypatch.setattr(engine, "prefill", held)  # after the warm-up
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            assert started.wait(30)
+            release.set()
+            chunks = [line for line in response.iter_lines() if line.startswith("data: {")]
+    text = "".join(json.loads(chunk[6:])["choices"][0]["text"] for chunk in chunks)
+    assert text == reference(tokenizer(body["prompt"])["input_ids"], 9)
+
+
+def test_a_request_abandoned_while_prepared_is_dropped_once_queued(model, tokenizer):
+    """The handler's task can be cancelled (shutdown) while its prompt is being prepared on the
+    preparing thread; the request it queues there must not run with nobody reading it."""
+    from ktinject.server.formats import ChatFormat
+    from ktinject.server.handler import Handler
+    from ktinject.server.metrics import ServerMetrics
+    from ktinject.server.schemas import ChatCompletionRequest
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.submitted, self.cancelled = [], []
+            self.cancelled_one = threading.Event()
+
+        def submit(self, seq) -> None:
+            self.submitted.append(seq)
+
+        def cancel(self, seq) -> None:
+            self.cancelled.append(seq)
+            self.cancelled_one.set()
+
+    engine, scheduler = make_engine(model, tokenizer), Recorder()
+    handler = Handler(engine, tokenizer, scheduler, ServerMetrics(SLOTS), ServeConfig())
+    body = ChatCompletionRequest(messages=user("abandon me"), max_tokens=3)
+    preparing, release = threading.Event(), threading.Event()
+
+    def prompt_ids() -> list[int]:
+        preparing.set()
+        assert release.wait(30)
+        return chat_prompt_ids(tokenizer, user("abandon me"))
+
+    async def abandon() -> None:
+        task = asyncio.create_task(handler._queue(None, body, ChatFormat(), prompt_ids))
+        await asyncio.to_thread(preparing.wait, 30)
+        task.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(abandon())
+        assert scheduler.cancelled_one.wait(30)
+    finally:
+        handler.close()
+    assert scheduler.cancelled == scheduler.submitted and len(scheduler.submitted) == 1
+
+
 def test_text_queued_while_a_chunk_was_sent_goes_out_as_one_chunk():
     """A stream that fell behind (many streams, a slow client) catches up: the deltas already
     queued are merged into one chunk; nothing is lost and the stream still ends properly."""
@@ -630,12 +702,10 @@ def test_text_queued_while_a_chunk_was_sent_goes_out_as_one_chunk():
 
     async def stream() -> list[str]:
         inbox = Inbox()
-        for event in (Delta("b"), Delta("c"), Finished("stop", Usage(3, 3, 0))):
+        for event in (Delta("a"), Delta("b"), Delta("c"), Finished("stop", Usage(3, 3, 0))):
             inbox.put(event)
         events = RequestEvents(None, None, inbox, None, lambda outcome: None)
-        chunks = Handler._stream(
-            None, ChatFormat(), Reply.new("x-", "m"), False, Delta("a"), events
-        )
+        chunks = Handler._stream(None, ChatFormat(), Reply.new("x-", "m"), False, events)
         return [chunk async for chunk in chunks]
 
     chunks = asyncio.run(stream())
