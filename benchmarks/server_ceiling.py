@@ -13,9 +13,11 @@ thing on a GPU).
 
 On a 2-core EPYC (2026-11-29), SmolLM2's tokenizer, 1,024 tokens a stream: with a 1 ms step one
 stream 984 tok/s (the step's bound), eight streams 7,080 tok/s (7.2x); with 0.5 ms, 1,919 and
-11,365 tok/s (5.9x: 0.70 ms of host work a step of eight). Time to first token of a turn after a
-4,117-token history, prefill 1 ms + 10 us a token (SmolLM2 on an H200): 10.7 ms with reuse, 50.4
-without (4.7x): the host's share of a long-history request, not the prefill, decides that ratio.
+11,365 tok/s (5.9x: 0.70 ms of host work a step of eight). Time to first token (first chunk
+with text) of a turn after a 4,117-token history, prefill 1 ms + 10 us a token (SmolLM2 on an
+H200): 6.9 ms with reuse, 48.1 without (7.0x; 10.7 and 50.4 before the stream started early and
+the prompt ids came from the tokenizer's backend): the host's share of a long-history request,
+not the prefill, decides that ratio.
 
     python3 benchmarks/server_ceiling.py /path/to/model-dir --step-ms 1 --streams 8
 """
