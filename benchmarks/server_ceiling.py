@@ -22,7 +22,8 @@ stream 984 tok/s (the step's bound), eight streams 7,080 tok/s (7.2x); with 0.5 
 11,365 tok/s (5.9x: 0.70 ms of host work a step of eight). Time to first token (first chunk
 with text) of a turn after a 4,117-token history, with a pretend prefill of 1 ms + 10 us a token
 for every chunk (a GPU-bound engine, one 4k chunk): 6.9 ms with reuse, 48.1 without (7.0x; 10.7
-and 50.4 before the stream started early and the prompt ids came from the tokenizer's backend).
+and 50.4 before the stream started early and the prompt ids came from the tokenizer's backend);
+with the defaults (the H200's engine): 9.7 and 313.9 ms (32x).
 
     python3 benchmarks/server_ceiling.py /path/to/model-dir --step-ms 1 --streams 8
 """
