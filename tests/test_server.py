@@ -26,6 +26,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import ClientDisconnect
 from tiny_models import tiny_model
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import WordLevel
@@ -40,7 +41,11 @@ from ktinject.server import add_serve_arguments
 from ktinject.server.app import create_app
 from ktinject.server.background import BackgroundServer
 from ktinject.server.config import ServeConfig
+from ktinject.server.formats import ChatFormat
+from ktinject.server.handler import Handler
 from ktinject.server.launch import bind, resolve_options, run_serve
+from ktinject.server.metrics import ServerMetrics
+from ktinject.server.schemas import ChatCompletionRequest
 
 CACHE_LENS = 256
 SLOTS = 4
@@ -646,28 +651,32 @@ def test_a_stream_starts_while_its_prompt_is_prefilled(model, tokenizer, monkeyp
     assert text == reference(tokenizer(body["prompt"])["input_ids"], 9)
 
 
+class RecordingScheduler:
+    """Stands in for the scheduler behind a `Handler`: notes what is queued and dropped."""
+
+    def __init__(self) -> None:
+        self.submitted, self.cancelled = [], []
+        self.cancelled_one = threading.Event()
+
+    def submit(self, seq) -> None:
+        self.submitted.append(seq)
+
+    def cancel(self, seq) -> None:
+        self.cancelled.append(seq)
+        self.cancelled_one.set()
+
+
+def recording_handler(model, tokenizer) -> tuple[Handler, RecordingScheduler]:
+    """A request handler whose scheduler only records (call `handler.close()` when done)."""
+    scheduler = RecordingScheduler()
+    engine, metrics = make_engine(model, tokenizer), ServerMetrics(SLOTS)
+    return Handler(engine, tokenizer, scheduler, metrics, ServeConfig()), scheduler
+
+
 def test_a_request_abandoned_while_prepared_is_dropped_once_queued(model, tokenizer):
     """The handler's task can be cancelled (shutdown) while its prompt is being prepared on the
     preparing thread; the request it queues there must not run with nobody reading it."""
-    from ktinject.server.formats import ChatFormat
-    from ktinject.server.handler import Handler
-    from ktinject.server.metrics import ServerMetrics
-    from ktinject.server.schemas import ChatCompletionRequest
-
-    class Recorder:
-        def __init__(self) -> None:
-            self.submitted, self.cancelled = [], []
-            self.cancelled_one = threading.Event()
-
-        def submit(self, seq) -> None:
-            self.submitted.append(seq)
-
-        def cancel(self, seq) -> None:
-            self.cancelled.append(seq)
-            self.cancelled_one.set()
-
-    engine, scheduler = make_engine(model, tokenizer), Recorder()
-    handler = Handler(engine, tokenizer, scheduler, ServerMetrics(SLOTS), ServeConfig())
+    handler, scheduler = recording_handler(model, tokenizer)
     body = ChatCompletionRequest(messages=user("abandon me"), max_tokens=3)
     preparing, release = threading.Event(), threading.Event()
 
@@ -692,12 +701,36 @@ def test_a_request_abandoned_while_prepared_is_dropped_once_queued(model, tokeni
     assert scheduler.cancelled == scheduler.submitted and len(scheduler.submitted) == 1
 
 
+def test_a_stream_whose_client_left_before_its_headers_drops_its_request(model, tokenizer):
+    """Writing the headers fails (uvicorn raises an OSError once the client is gone), so the
+    stream's body never starts: the request must still be dropped, not generate unread."""
+
+    async def gone(message) -> None:
+        raise OSError("the client is gone")
+
+    handler, scheduler = recording_handler(model, tokenizer)
+    body = ChatCompletionRequest(messages=user("leave early"), max_tokens=3, stream=True)
+
+    async def respond() -> None:
+        ids = lambda: chat_prompt_ids(tokenizer, user("leave early"))  # noqa: E731
+        response = await handler.handle(None, body, ChatFormat(), ids)
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        with pytest.raises(ClientDisconnect):  # Starlette's word for that OSError
+            await response(scope, None, gone)
+
+    try:
+        asyncio.run(respond())
+    finally:
+        handler.close()
+    assert scheduler.cancelled == scheduler.submitted and len(scheduler.submitted) == 1
+
+
 def test_text_queued_while_a_chunk_was_sent_goes_out_as_one_chunk():
     """A stream that fell behind (many streams, a slow client) catches up: the deltas already
     queued are merged into one chunk; nothing is lost and the stream still ends properly."""
     from ktinject.server.delivery import Inbox
-    from ktinject.server.formats import ChatFormat, Reply
-    from ktinject.server.handler import Handler, RequestEvents
+    from ktinject.server.formats import Reply
+    from ktinject.server.handler import RequestEvents
     from ktinject.server.sequence import Delta, Finished, Usage
 
     async def stream() -> list[str]:
@@ -729,7 +762,6 @@ def test_a_request_dropped_with_a_token_in_flight_leaves_nothing_behind(model, t
     """Decode steps are queued with the previous step's tokens still on the device. A request
     cancelled (or finished) then must not have its pending token fed into the slot's next owner,
     and the next owner's answer must equal a fresh engine's."""
-    from ktinject.server.metrics import ServerMetrics
     from ktinject.server.scheduler import Scheduler
     from ktinject.server.sequence import Delta, Sequence
 

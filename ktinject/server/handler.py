@@ -8,7 +8,7 @@ work instead of following the first token (~0.5 ms of a 6 ms first token with a 
 history on a 2-core EPYC). A failure after that, in the scheduler, ends the stream with an error
 event in OpenAI's format, as a failure mid-answer does; a request without `stream` waits for the
 whole answer and still gets a plain HTTP error. A client that goes away -- detected by polling
-while waiting, or by the stream being cancelled -- has its request dropped from the scheduler at
+while waiting, or by a write to it failing -- has its request dropped from the scheduler at
 once, freeing the slot.
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
 from ktinject.engine import Engine
 from ktinject.errors import KtinjectError
@@ -127,9 +128,8 @@ class Handler:
             self.count(fmt.endpoint, "rejected")
             return error_response(exc, prompt_param=fmt.prompt_param)
         reply = Reply.new(fmt.prefix, self.config.model_name)
-        if body.stream:  # the stream closes `events` when it ends
-            stream = self._stream(fmt, reply, body.include_usage, events)
-            return StreamingResponse(stream, media_type="text/event-stream")
+        if body.stream:
+            return EventStream(self._stream(fmt, reply, body.include_usage, events), events.close)
         try:
             return await self._collect(fmt, reply, events)
         finally:
@@ -233,32 +233,45 @@ class Handler:
         self, fmt: Format, reply: Reply, include_usage: bool, events: RequestEvents
     ) -> AsyncIterator[str]:
         """SSE chunks until `data: [DONE]`; a failure becomes an `error` event."""
-        try:
-            opening = fmt.opening(reply)
-            if opening is not None:
-                yield _sse(opening)
-            chunks = TextChunks(fmt, reply)
-            event = await events.next()
+        opening = fmt.opening(reply)
+        if opening is not None:
+            yield _sse(opening)
+        chunks = TextChunks(fmt, reply)
+        event = await events.next()
+        while isinstance(event, Delta):
+            # Text that arrived while the last chunk was being sent goes out as one chunk:
+            # under load (many streams, a slow client) the stream catches up instead of
+            # paying for a JSON chunk and a write per token.
+            text, event = event.text, events.queued()
             while isinstance(event, Delta):
-                # Text that arrived while the last chunk was being sent goes out as one chunk:
-                # under load (many streams, a slow client) the stream catches up instead of
-                # paying for a JSON chunk and a write per token.
-                text, event = event.text, events.queued()
-                while isinstance(event, Delta):
-                    text, event = text + event.text, events.queued()
-                yield chunks.event(text)
-                if event is None:
-                    event = await events.next()
-            if isinstance(event, Finished):
-                yield _sse(fmt.chunk(reply, None, event.finish_reason))
-                if include_usage:
-                    yield _sse(fmt.usage_chunk(reply, event.usage))
-            elif isinstance(event, Failed):
-                yield _sse(describe(event.error, prompt_param=fmt.prompt_param)[1])
-            if event is not None:
-                yield "data: [DONE]\n\n"
+                text, event = text + event.text, events.queued()
+            yield chunks.event(text)
+            if event is None:
+                event = await events.next()
+        if isinstance(event, Finished):
+            yield _sse(fmt.chunk(reply, None, event.finish_reason))
+            if include_usage:
+                yield _sse(fmt.usage_chunk(reply, event.usage))
+        elif isinstance(event, Failed):
+            yield _sse(describe(event.error, prompt_param=fmt.prompt_param)[1])
+        if event is not None:
+            yield "data: [DONE]\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A server-sent-event response that calls `close` however it ends: finished, failed, or
+    its client gone -- also before the headers were written, when the body's generator never
+    starts, or between two chunks, when it is never resumed (and only closed once collected)."""
+
+    def __init__(self, content: AsyncIterator[str], close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.on_end = close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
         finally:
-            events.close()
+            self.on_end()
 
 
 def _sse(payload: BaseModel | dict[str, Any]) -> str:
