@@ -73,7 +73,8 @@ def history(tokenizer: Any, target_tokens: int) -> list[dict[str, str]]:
 
 def first_token_time(http: httpx.Client, messages: list[dict[str, str]], tokens: int) -> dict:
     """Stream one turn; seconds from sending it to the first chunk with text (the stream itself
-    starts earlier, with a chunk that only names the role, while the prompt is prefilled)."""
+    starts earlier, with a chunk that only names the role, while the prompt is prefilled), or
+    to its end if the answer has no text (random weights may pick an end-of-sequence id)."""
     body = json.dumps(
         {
             "model": "m",
@@ -94,10 +95,11 @@ def first_token_time(http: httpx.Client, messages: list[dict[str, str]], tokens:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line.removeprefix("data: "))
-            piece = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
-            if piece:
-                ttft = ttft if ttft is not None else arrived - started
-                text.append(piece)
+            choice = chunk["choices"][0] if chunk["choices"] else {}
+            piece = choice.get("delta", {}).get("content")
+            if ttft is None and (piece or choice.get("finish_reason")):
+                ttft = arrived - started
+            text.append(piece or "")
             usage = chunk.get("usage") or usage
     return {
         "ttft_s": ttft,
