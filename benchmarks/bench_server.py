@@ -1,10 +1,12 @@
-"""Benchmark the OpenAI-compatible server in-process.
+"""Benchmark the OpenAI-compatible server, run in this process, against client processes.
 
 (a) Time to first token of turn N of a conversation with a long history (`--history-tokens`),
     with history reuse vs `--no-prefix-reuse` (target: >= 10x faster with reuse). The clock runs
-    from sending the request's JSON to reading the first streamed text, through plain HTTP: the
-    `openai` client spends ~17 ms of its own (2-core EPYC) checking a 60-message body before it
-    sends anything, the same with and without reuse, and that is the client's time, not serving.
+    from sending the request's JSON to reading the first streamed text, through plain HTTP (httpx)
+    in a client process of its own: the `openai` client spends ~17 ms of its own (2-core EPYC)
+    checking a 60-message body before it sends anything, the same with and without reuse, and
+    that is the client's time, not serving; a client in the server's process would share the GIL
+    with the server's threads.
 (b) Aggregate decode throughput of `--streams` concurrent streams vs one stream
     (target on GPU: >= 4x), each stream through the `openai` client in a process of its own,
     alternating for `--repeats` rounds (medians).
@@ -20,12 +22,10 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-from stream_clients import streams_from_processes
+from stream_clients import TurnClient, streams_from_processes
 
 from ktinject.chat import chat_prompt_ids
 from ktinject.engine import Engine
@@ -71,60 +71,22 @@ def history(tokenizer: Any, target_tokens: int) -> list[dict[str, str]]:
     return messages
 
 
-def first_token_time(http: httpx.Client, messages: list[dict[str, str]], tokens: int) -> dict:
-    """Stream one turn; seconds from sending it to the first chunk with text (the stream itself
-    starts earlier, with a chunk that only names the role, while the prompt is prefilled), or
-    to its end if the answer has no text (random weights may pick an end-of-sequence id)."""
-    body = json.dumps(
-        {
-            "model": "m",
-            "messages": messages,
-            "max_tokens": tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    )
-    headers = {"content-type": "application/json"}
-    started = time.perf_counter()
-    ttft, text, usage = None, [], None
-    with http.stream("POST", "/v1/chat/completions", content=body, headers=headers) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            arrived = time.perf_counter()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            choice = chunk["choices"][0] if chunk["choices"] else {}
-            piece = choice.get("delta", {}).get("content")
-            if ttft is None and (piece or choice.get("finish_reason")):
-                ttft = arrived - started
-            text.append(piece or "")
-            usage = chunk.get("usage") or usage
-    return {
-        "ttft_s": ttft,
-        "text": "".join(text),
-        "prompt_tokens": usage["prompt_tokens"],
-        "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
-    }
-
-
 def bench_history(engine: Engine, tokenizer: Any, args: argparse.Namespace, reuse: bool) -> dict:
     """Per repeat: turn N-1 (primes the slot), then turn N, whose first-token time is measured."""
     past = history(tokenizer, args.history_tokens)
     config = ServeConfig(prefix_reuse=reuse)
     turns = []
     app = create_app(engine, tokenizer, config)
-    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=600) as http:
+    with BackgroundServer(app) as server, TurnClient(server.url) as client:
         for i in range(args.repeats):
             asked = [*past, {"role": "user", "content": f"Question {i}: what came first?"}]
-            answer = first_token_time(http, asked, args.answer_tokens)["text"]
+            answer = client.turn(asked, args.answer_tokens)["text"]
             follow_up = [
                 *asked,
                 {"role": "assistant", "content": answer},
                 {"role": "user", "content": "And after that?"},
             ]
-            turns.append(first_token_time(http, follow_up, args.answer_tokens))
+            turns.append(client.turn(follow_up, args.answer_tokens))
     return {
         "ttft_s": statistics.median(t["ttft_s"] for t in turns),
         "prompt_tokens": turns[-1]["prompt_tokens"],

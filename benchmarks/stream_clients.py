@@ -14,6 +14,13 @@ As a script (what `streams_from_processes` runs):
 streams once untimed (opens the connection, loads what a response needs), prints `ready`, waits
 for a line on stdin, streams TOKENS tokens and prints a JSON line with the completion tokens and
 its start and end on the monotonic clock (comparable across processes).
+
+    python3 stream_clients.py URL turns
+
+(what `TurnClient` runs) reads one JSON line per turn (`messages`, `tokens`), streams it and
+prints a JSON line with its time to first token, text and usage. The time to first token is
+taken here rather than in the benchmark's process, where the client would share the GIL with
+the server's threads.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 Streamer = Callable[[int, int], int]  # (stream index, max tokens) -> completion tokens
 
@@ -115,7 +123,86 @@ def streams_from_processes(
     return generated, max(d["ended"] for d in done) - min(d["began"] for d in done)
 
 
+def first_token_time(http: Any, messages: list[dict[str, str]], tokens: int) -> dict:
+    """Stream one turn; seconds from sending it to the first chunk with text (the stream itself
+    starts earlier, with a chunk that only names the role, while the prompt is prefilled), or
+    to its end if the answer has no text (random weights may pick an end-of-sequence id)."""
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": messages,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    headers = {"content-type": "application/json"}
+    started = time.perf_counter()
+    ttft, text, usage = None, [], None
+    with http.stream("POST", "/v1/chat/completions", content=body, headers=headers) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            arrived = time.perf_counter()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            choice = chunk["choices"][0] if chunk["choices"] else {}
+            piece = choice.get("delta", {}).get("content")
+            if ttft is None and (piece or choice.get("finish_reason")):
+                ttft = arrived - started
+            text.append(piece or "")
+            usage = chunk.get("usage") or usage
+    return {
+        "ttft_s": ttft,
+        "text": "".join(text),
+        "prompt_tokens": usage["prompt_tokens"],
+        "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+    }
+
+
+class TurnClient:
+    """Turns of a conversation, each timed from sending it to its first text by a client process
+    of its own (this file, `turns`); a context manager."""
+
+    def __init__(self, url: str) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), url, "turns"]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def turn(self, messages: list[dict[str, str]], tokens: int) -> dict:
+        """`first_token_time` of one turn, in the client process."""
+        self.process.stdin.write(json.dumps({"messages": messages, "tokens": tokens}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the turn client stopped: {' '.join(self.process.args)}")
+        return json.loads(line)
+
+    def __enter__(self) -> TurnClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def time_turns(url: str) -> None:
+    """The `turns` script: one timed turn per JSON line on stdin."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=600) as http:
+        for line in sys.stdin:
+            asked = json.loads(line)
+            result = first_token_time(http, asked["messages"], asked["tokens"])
+            print(json.dumps(result), flush=True)
+
+
 def main(argv: list[str]) -> int:
+    if argv[1:] == ["turns"]:
+        time_turns(argv[0])
+        return 0
     url, index, tokens, client = argv[0], int(argv[1]), int(argv[2]), argv[3]
     stream = STREAMERS[client](url)
     stream(index, 1)
