@@ -40,6 +40,24 @@ def prompt(index: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Write story number {index}."}]
 
 
+def stream_body(messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    """A greedy streamed chat request that ends with a usage chunk."""
+    return {
+        "model": "m",
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def start_client(*args: str) -> subprocess.Popen[str]:
+    """This file as a script with `args`, talking over pipes."""
+    command = [sys.executable, str(Path(__file__).resolve()), *args]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
 def openai_streamer(url: str) -> Streamer:
     """Streams through the official `openai` client (one connection, reused)."""
     import openai
@@ -48,13 +66,7 @@ def openai_streamer(url: str) -> Streamer:
 
     def stream(index: int, max_tokens: int) -> int:
         chunks = client.chat.completions.create(
-            model="m",
-            messages=prompt(index),
-            max_tokens=max_tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},
+            **stream_body(prompt(index), max_tokens), extra_body={"ignore_eos": True}
         )
         return [chunk.usage for chunk in chunks if chunk.usage][0].completion_tokens
 
@@ -69,15 +81,7 @@ def httpx_streamer(url: str) -> Streamer:
     http = httpx.Client(base_url=url, timeout=600)
 
     def stream(index: int, max_tokens: int) -> int:
-        body = {
-            "model": "m",
-            "messages": prompt(index),
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "ignore_eos": True,
-        }
+        body = {**stream_body(prompt(index), max_tokens), "ignore_eos": True}
         usage = None
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             response.raise_for_status()
@@ -101,14 +105,10 @@ def streams_from_processes(
     """`count` concurrent streams of `tokens` tokens, one client process each, started together
     once all are ready. Returns the tokens generated and the seconds from the first stream's
     start to the last one's end."""
-    script = str(Path(__file__).resolve())
     processes: list[subprocess.Popen[str]] = []
     try:
         for index in range(count):
-            command = [sys.executable, script, url, str(index), str(tokens), client]
-            processes.append(
-                subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            )
+            processes.append(start_client(url, str(index), str(tokens), client))
         for process in processes:
             if process.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"a client did not start: {' '.join(process.args)}")
@@ -127,16 +127,7 @@ def first_token_time(http: Any, messages: list[dict[str, str]], tokens: int) -> 
     """Stream one turn; seconds from sending it to the first chunk with text (the stream itself
     starts earlier, with a chunk that only names the role, while the prompt is prefilled), or
     to its end if the answer has no text (random weights may pick an end-of-sequence id)."""
-    body = json.dumps(
-        {
-            "model": "m",
-            "messages": messages,
-            "max_tokens": tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    )
+    body = json.dumps(stream_body(messages, tokens))
     headers = {"content-type": "application/json"}
     started = time.perf_counter()
     ttft, text, usage = None, [], None
@@ -166,10 +157,7 @@ class TurnClient:
     of its own (this file, `turns`); a context manager."""
 
     def __init__(self, url: str) -> None:
-        command = [sys.executable, str(Path(__file__).resolve()), url, "turns"]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        self.process = start_client(url, "turns")
 
     def turn(self, messages: list[dict[str, str]], tokens: int) -> dict:
         """`first_token_time` of one turn, in the client process."""
