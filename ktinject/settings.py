@@ -4,9 +4,12 @@ model."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ktinject.errors import KtinjectError
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -27,15 +30,20 @@ class SamplingParams:
                 f"max_new_tokens is {self.max_new_tokens}; it must be at least 1 "
                 f"(--max-new-tokens)."
             )
-        if self.temperature < 0:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise KtinjectError(
-                f"temperature is {self.temperature}; it must be >= 0 (--temperature)."
+                f"temperature is {self.temperature}; it must be a finite number >= 0 "
+                f"(--temperature)."
             )
         if not 0 < self.top_p <= 1:
             raise KtinjectError(f"top_p is {self.top_p}; it must be in (0, 1] (--top-p).")
         if self.top_k < 0:
             raise KtinjectError(
                 f"top_k is {self.top_k}; it must be >= 0, where 0 turns it off (--top-k)."
+            )
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise KtinjectError(
+                f"seed is {self.seed}; it must be from -2**63 to 2**64 - 1 (--seed)."
             )
 
     @property

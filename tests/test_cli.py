@@ -122,7 +122,8 @@ def test_a_missing_model_path_is_one_sentence(tmp_path: Path) -> None:
     "command, flag, value",
     [("run", "--top-p", "2"), ("run", "--temperature", "-1"), ("run", "--top-k", "-1")]
     + [("run", "--max-new-tokens", "0"), ("run", "--chunk-size", "0")]
-    + [("run", "--cache-lens", "1"), ("chat", "--top-p", "0")],
+    + [("run", "--cache-lens", "1"), ("chat", "--top-p", "0")]
+    + [("run", "--temperature", "nan"), ("run", "--seed", str(2**64))],
 )
 def test_a_bad_generation_flag_fails_before_the_model_loads(
     tmp_path: Path, command: str, flag: str, value: str
