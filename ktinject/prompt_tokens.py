@@ -84,10 +84,13 @@ class PromptTokenizer:
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Ids of `messages` in the chat template, ending with the assistant's cue: the ids
         `apply_chat_template(messages, add_generation_prompt=True)` returns."""
-        text = self.tokenizer.apply_chat_template(
+        return self.encode(self.render(messages))
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The text of `messages` in the chat template, ending with the assistant's cue."""
+        return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
-        return self.encode(text)
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` without added BOS/EOS (the template writes its own special tokens)."""

@@ -277,6 +277,26 @@ def test_prompt_over_cache_lens_is_400_and_server_keeps_serving(client):
     assert chat(client, user("still alive?"), max_tokens=3).choices[0].finish_reason
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_huge_prompt_is_refused_from_its_head(url, tokenizer, monkeypatch, path):
+    """Far more characters than the cache could hold as tokens: only the head is tokenized."""
+    text = "x" * 1_000_000
+    body = {"messages": user(text)} if path.endswith("chat/completions") else {"prompt": text}
+    lengths = []
+    call = type(tokenizer).__call__
+
+    def measured(self, text, *args, **kwargs):
+        lengths.append(len(text))
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", measured)
+    response = httpx.post(f"{url}{path}", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "at least" in error["message"]
+    assert max(lengths) < 100_000
+
+
 def test_overlong_max_tokens_is_clamped_to_the_cache(client, tokenizer):
     messages = user("fill the cache")
     room = CACHE_LENS - len(chat_prompt_ids(tokenizer, messages))
@@ -295,6 +315,10 @@ def test_strict_context_rejects_overlong_max_tokens(model, tokenizer):
             chat(strict, user("hi"), max_tokens=CACHE_LENS)
         assert caught.value.body["code"] == "context_length_exceeded"
         assert caught.value.body["param"] == "max_tokens"
+        with pytest.raises(openai.BadRequestError) as caught:
+            chat(strict, user("hi"), max_completion_tokens=CACHE_LENS)
+        assert caught.value.body["param"] == "max_completion_tokens"
+        assert "max_completion_tokens to at most" in caught.value.body["message"]
         assert chat(strict, user("hi"), max_tokens=5).usage.completion_tokens <= 5
 
 
@@ -424,6 +448,26 @@ def test_disconnected_streams_free_their_slots(url):
     assert metric(url, "ktinject_requests_total", outcome="cancelled") > cancelled
 
 
+def test_a_request_without_stream_whose_client_left_frees_its_slot(model, tokenizer, monkeypatch):
+    """Such a request writes nothing until it ends, and its tokens keep coming: the client is
+    checked anyway, so the slot is not held until the whole answer is generated."""
+    engine = make_engine(model, tokenizer)
+    decode = engine.decode_sampled
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)  # 240 tokens: ~5 s, far longer than the check takes
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode_sampled", slow)
+    body = {"messages": user("long answer"), "max_tokens": 240, "ignore_eos": True}
+    with serving(engine, tokenizer) as base:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json=body, timeout=0.5)
+        wait_for_metric(base, "ktinject_kv_slots_in_use", 0, timeout=2.0)
+        assert metric(base, "ktinject_requests_total", outcome="cancelled") == 1
+        assert metric(base, "ktinject_generation_tokens_total") < 200
+
+
 def test_prompts_are_prepared_off_the_event_loop(model, tokenizer, monkeypatch, reference):
     """While one request's prompt is templated and tokenized (held here until released), the
     event loop still answers others: it would hang on /health if tokenizing ran on it."""
@@ -483,25 +527,80 @@ def test_a_failing_request_does_not_take_the_server_down(model, tokenizer, monke
 # -- protocol, auth, metrics ---------------------------------------------------------------------
 
 
+CHAT_PATH, COMPLETION_PATH = "/v1/chat/completions", "/v1/completions"
+X = '"messages": [{"role": "user", "content": "x"}]'
+
+
 @pytest.mark.parametrize(
-    ("body", "param"),
+    ("path", "body", "param"),
     [
-        (b'{"messages": [', None),
-        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}', "max_tokens"),
-        (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
-        (b'{"messages": []}', "messages"),
-        (b'{"max_tokens": 3}', "messages"),
-        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": -1}', "temperature"),
+        (CHAT_PATH, '{"messages": [', None),
+        (CHAT_PATH, f'{{{X}, "max_tokens": "many"}}', "max_tokens"),
+        (CHAT_PATH, f'{{{X}, "max_tokens": true}}', "max_tokens"),
+        (CHAT_PATH, f'{{{X}, "stream": "yes"}}', "stream"),
+        (CHAT_PATH, f'{{{X}, "n": 2}}', "n"),
+        (CHAT_PATH, '{"messages": []}', "messages"),
+        (CHAT_PATH, '{"max_tokens": 3}', "messages"),
+        (CHAT_PATH, f'{{{X}, "temperature": -1}}', "temperature"),
+        (CHAT_PATH, f'{{{X}, "temperature": 3}}', "temperature"),
+        (CHAT_PATH, f'{{{X}, "seed": {2**64}}}', "seed"),
+        (CHAT_PATH, f'{{{X}, "stop": 5}}', "stop"),
+        (CHAT_PATH, '{"messages": [{"role": "user", "content": 5}]}', "messages.0.content"),
+        (
+            CHAT_PATH,
+            '{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+            "messages.0.content",
+        ),
+        (CHAT_PATH, '{"messages": [{"role": "user", "content": "x \\ud83d y"}]}', "messages"),
+        (CHAT_PATH, f'{{{X}, "logprobs": true}}', "logprobs"),
+        (CHAT_PATH, f'{{{X}, "tools": [{{"type": "function"}}]}}', "tools"),
+        (CHAT_PATH, f'{{{X}, "response_format": {{"type": "json_object"}}}}', "response_format"),
+        (COMPLETION_PATH, '{"prompt": [true]}', "prompt"),
+        (COMPLETION_PATH, '{"prompt": "x \\udc00"}', "prompt"),
+        (COMPLETION_PATH, '{"prompt": "x", "echo": true}', "echo"),
+        (COMPLETION_PATH, '{"prompt": "x", "logprobs": 0}', "logprobs"),
+        (COMPLETION_PATH, '{"prompt": "x", "best_of": 2}', "best_of"),
     ],
 )
-def test_bad_requests_are_400_in_openai_format(url, body, param):
+def test_bad_requests_are_400_in_openai_format(url, path, body, param):
     response = httpx.post(
-        f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        f"{url}{path}", content=body.encode(), headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
     assert error["param"] == param
+
+
+def test_requests_that_are_no_json_object_are_told_what_to_send(url):
+    empty = httpx.post(f"{url}{CHAT_PATH}", content=b"")
+    assert "body is empty" in empty.json()["error"]["message"]
+    form = httpx.post(f"{url}{CHAT_PATH}", data={"messages": "x"})
+    assert "application/x-www-form-urlencoded" in form.json()["error"]["message"]
+    array = httpx.post(f"{url}{CHAT_PATH}", json=[1])
+    assert "is an array, not a JSON object" in array.json()["error"]["message"]
+    for response in (empty, form, array):
+        assert response.status_code == 400
+    missing = httpx.post(f"{url}/v1/chat/completion", json={}).json()["error"]
+    assert missing["code"] == "not_found" and f"POST {CHAT_PATH}" in missing["message"]
+    wrong = httpx.get(f"{url}{CHAT_PATH}").json()["error"]
+    assert wrong["code"] == "method_not_allowed" and "takes POST" in wrong["message"]
+
+
+def test_a_request_failing_before_it_is_queued_is_a_500_on_an_open_connection(
+    model, tokenizer, monkeypatch
+):
+    import ktinject.server.app as app_module
+
+    def broken(*args):
+        raise TypeError("tokenizer trouble")
+
+    monkeypatch.setattr(app_module, "completion_prompt", broken)
+    with serving(make_engine(model, tokenizer), tokenizer) as base, httpx.Client() as http:
+        failed = http.post(f"{base}{COMPLETION_PATH}", json={"prompt": "x"})
+        assert failed.status_code == 500 and "tokenizer trouble" in failed.text
+        assert http.get(f"{base}/health").status_code == 200  # the same connection
+        assert metric(base, "ktinject_requests_total", outcome="error") == 1
 
 
 def test_unknown_fields_are_ignored(url):
@@ -520,6 +619,9 @@ def test_api_key_is_required_when_set(model, tokenizer):
         right = openai.OpenAI(base_url=f"{base}/v1", api_key="sesame", max_retries=0)
         assert [m.id for m in right.models.list()] == ["tiny"]
         assert httpx.get(f"{base}/health").status_code == 200
+        assert httpx.get(f"{base}/openapi.json").status_code == 401
+        lower = {"authorization": "bearer sesame"}  # the scheme is case-insensitive
+        assert httpx.get(f"{base}/v1/models", headers=lower).status_code == 200
 
 
 def test_metrics_parse_as_prometheus_text(client, url):
@@ -542,7 +644,12 @@ def test_metrics_parse_as_prometheus_text(client, url):
 
 def test_models_and_health(client, url):
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-9")
+    assert caught.value.body["code"] == "model_not_found"
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    assert httpx.head(f"{url}/health").status_code == 200
 
 
 def test_background_server_connections_send_without_waiting_for_acks():

@@ -20,7 +20,7 @@ from ktinject.engine import Engine
 from ktinject.prompt_tokens import PromptTokenizer
 from ktinject.server.auth import APIKeyMiddleware
 from ktinject.server.config import ServeConfig
-from ktinject.server.errors import install_error_handlers
+from ktinject.server.errors import error_body, install_error_handlers
 from ktinject.server.formats import ChatFormat, CompletionFormat
 from ktinject.server.handler import Handler
 from ktinject.server.metrics import ServerMetrics
@@ -56,7 +56,7 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig | None = None
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with either
     async def health() -> JSONResponse:
         alive = scheduler.thread.is_alive()
         status = {"status": "ok" if alive else "scheduler stopped"}
@@ -66,14 +66,24 @@ def create_app(engine: Engine, tokenizer: Any, config: ServeConfig | None = None
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    card = ModelCard(id=config.model_name, created=started)
+
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=config.model_name, created=started)])
+        return ModelList(data=[card])
+
+    @app.get("/v1/models/{model_id:path}")  # ids may hold slashes (org/name)
+    async def model(model_id: str) -> Response:
+        if model_id == card.id:
+            return JSONResponse(card.model_dump())
+        message = f"There is no model {model_id!r} here; this server serves {card.id!r}."
+        body = error_body(message, type_="invalid_request_error", code="model_not_found")
+        return JSONResponse(body, status_code=404)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await handler.handle(
-            request, body, CHAT, lambda: chat_prompt(prompts, body.messages)
+            request, body, CHAT, lambda: chat_prompt(prompts, body.messages, engine.cache_lens)
         )
 
     @app.post("/v1/completions")

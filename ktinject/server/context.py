@@ -14,21 +14,49 @@ queued, so a rejected request gets a plain HTTP 400 (no stream is opened):
   1024) applies, capped the same way; this is never an error.
 
 Reused history does not change these numbers: cached tokens are part of the prompt and occupy
-cache positions like any other.
+cache positions like any other. The messages speak to the caller, who can change the request's
+fields but not the server's `--cache-lens`.
 """
 
 from __future__ import annotations
 
-from ktinject.engine import Engine
+from ktinject.server.errors import RequestError
+
+CODE = "context_length_exceeded"
 
 
 def max_new_tokens_for(
-    engine: Engine, prompt_tokens: int, requested: int | None, *, default: int, strict: bool
+    cache_lens: int,
+    prompt_tokens: int,
+    requested: int | None,
+    *,
+    default: int,
+    strict: bool,
+    prompt_param: str,
+    tokens_param: str,
 ) -> int:
-    """How many tokens this request may generate; raises `ContextLengthError` as the module
-    docstring says (the engine's check, so the message names the numbers and the fix)."""
-    engine.check_request(prompt_tokens, 1)
-    if strict and requested is not None:
-        engine.check_request(prompt_tokens, requested)
-    wanted = default if requested is None else requested
-    return min(wanted, engine.cache_lens - prompt_tokens)
+    """How many tokens this request may generate; raises `RequestError` as the module docstring
+    says, blaming `prompt_param` or `tokens_param` (the field the request used)."""
+    if prompt_tokens >= cache_lens:
+        raise prompt_too_long(f"{prompt_tokens:,}", cache_lens, prompt_param)
+    room = cache_lens - prompt_tokens
+    if strict and requested is not None and requested > room:
+        raise RequestError(
+            f"The prompt has {prompt_tokens:,} tokens and {tokens_param} is {requested:,}, "
+            f"{prompt_tokens + requested:,} in all, but this server holds {cache_lens:,} tokens "
+            f"per conversation (its --cache-lens); set {tokens_param} to at most {room:,}.",
+            param=tokens_param,
+            code=CODE,
+        )
+    return min(default if requested is None else requested, room)
+
+
+def prompt_too_long(tokens: str, cache_lens: int, param: str) -> RequestError:
+    """The 400 of a prompt with `tokens` tokens (a number, or "at least N") that leaves no room
+    for an answer in a slot of `cache_lens` positions."""
+    return RequestError(
+        f"The prompt has {tokens} tokens, but this server holds {cache_lens:,} tokens per "
+        f"conversation (its --cache-lens), prompt and answer together; shorten {param}.",
+        param=param,
+        code=CODE,
+    )

@@ -8,8 +8,8 @@ work instead of following the first token (~0.5 ms of a 6 ms first token with a 
 history on a 2-core EPYC). A failure after that, in the scheduler, ends the stream with an error
 event in OpenAI's format, as a failure mid-answer does; a request without `stream` waits for the
 whole answer and still gets a plain HTTP error. A client that goes away -- detected by polling
-while waiting, or by a write to it failing -- has its request dropped from the scheduler at
-once, freeing the slot.
+every quarter second, or by a write to it failing -- has its request dropped from the scheduler
+at once, freeing the slot.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -39,7 +41,9 @@ from ktinject.server.schemas import GenerationRequest
 from ktinject.server.sequence import Delta, Event, Failed, Finished, Sequence
 from ktinject.settings import SamplingParams
 
-POLL_S = 0.25  # how often a request waiting without events checks that its client is still there
+log = logging.getLogger("ktinject.server")
+
+POLL_S = 0.25  # how often a request checks that its client is still there
 CLIENT_GONE = 499  # status never seen by anyone; recorded for logs (nginx's convention)
 
 
@@ -62,15 +66,24 @@ class RequestEvents:
         self.scheduler = scheduler
         self.count = count
         self.outcome: str | None = None  # finish reason or "error"; None while running
+        self.check_at = time.monotonic() + POLL_S
 
     async def next(self) -> Event | None:
-        """The next event, or None once the client has disconnected."""
+        """The next event, or None once the client has disconnected. The client is checked
+        every `POLL_S` whether or not events arrive: a request without `stream` writes nothing
+        until it ends, so only this check frees its slot when its client leaves."""
         event = self.inbox.get_nowait()
         while event is None:
             event = await self.inbox.get(POLL_S)
-            if event is None and await self.request.is_disconnected():
+            if event is None and await self._client_gone():
                 return None
+        if time.monotonic() >= self.check_at and await self._client_gone():
+            return None
         return self._note(event)
+
+    async def _client_gone(self) -> bool:
+        self.check_at = time.monotonic() + POLL_S
+        return await self.request.is_disconnected()
 
     def queued(self) -> Event | None:
         """An event that has already arrived, or None."""
@@ -127,6 +140,10 @@ class Handler:
         except KtinjectError as exc:
             self.count(fmt.endpoint, "rejected")
             return error_response(exc, prompt_param=fmt.prompt_param)
+        except Exception as exc:  # answered here, the connection stays open for the next one
+            log.error("request failed before it was queued", exc_info=exc)
+            self.count(fmt.endpoint, "error")
+            return error_response(exc, prompt_param=fmt.prompt_param)
         reply = Reply.new(fmt.prefix, self.config.model_name)
         if body.stream:
             return EventStream(self._stream(fmt, reply, body.include_usage, events), events.close)
@@ -142,22 +159,22 @@ class Handler:
         self, body: GenerationRequest, fmt: Format, prompt_ids: Callable[[], list[int]]
     ) -> tuple[list[int], SamplingParams]:
         """Everything that can reject the request, before it is queued (on `preparing`)."""
-        if body.n not in (None, 1):
-            raise RequestError(
-                f"n is {body.n}; this server returns one choice per request (use n=1).",
-                param="n",
-            )
+        refused = body.unsupported()
+        if refused is not None:
+            raise RequestError(refused[1], param=refused[0])
         ids = prompt_ids()
         if not ids:
             raise RequestError(
                 "The prompt is empty; give at least one token.", param=fmt.prompt_param
             )
         max_new_tokens = max_new_tokens_for(
-            self.engine,
+            self.engine.cache_lens,
             len(ids),
             body.requested_max_tokens,
             default=self.config.max_new_tokens,
             strict=self.config.strict_context,
+            prompt_param=fmt.prompt_param,
+            tokens_param=body.max_tokens_param,
         )
         params = SamplingParams(
             max_new_tokens=max_new_tokens,

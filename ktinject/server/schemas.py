@@ -1,22 +1,44 @@
 """Request and response bodies of the OpenAI-compatible API (the subset ktinject serves).
 
 Unknown request fields are ignored (pydantic's default), so clients that send options we do not
-implement still work; fields we implement but whose value we cannot honour (`n` > 1) are refused
-by the routes with a 400. `ignore_eos` is an extension (as in vLLM) for fixed-length benchmarks.
+implement still work; fields we know but whose value we cannot honour (`n` > 1, log
+probabilities, tools, JSON mode, `echo`...: `unsupported()`) are refused by the routes with a
+400 rather than answered as if they had been honoured. Numbers and flags are not coerced from
+other JSON types (`"stream": "yes"`, `"max_tokens": true` are 400s, as OpenAI answers them).
+`ignore_eos` is an extension (as in vLLM) for fixed-length benchmarks.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     Field,
+    StrictBool,
     ValidationError,
     ValidatorFunctionWrapHandler,
-    field_validator,
+    WrapValidator,
 )
 from pydantic_core import PydanticCustomError
+
+from ktinject.settings import SEED_RANGE
+
+Count = Annotated[int, Field(strict=True, ge=1)]
+TokenId = Annotated[int, Field(strict=True)]
+
+
+def one_message(kind: str, expected: str) -> WrapValidator:
+    """Answers a union's failure with one sentence (`expected`) instead of one error per
+    member, each at a path that names the member's type (`stop.str`)."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(kind, expected) from None
+
+    return WrapValidator(check)
 
 
 class TextPart(BaseModel):
@@ -26,7 +48,14 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: str
-    content: str | list[TextPart] | None = None
+    content: Annotated[
+        str | list[TextPart] | None,
+        one_message(
+            "content_type",
+            'must be text or a list of text parts ({"type": "text", "text": ...}); this server '
+            "reads text only",
+        ),
+    ] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -35,22 +64,24 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class GenerationRequest(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = None
-    stream: bool = False
+    max_tokens: Count | None = None
+    temperature: float = Field(default=1.0, ge=0, le=2, strict=True)
+    top_p: float = Field(default=1.0, gt=0, le=1, strict=True)
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1], strict=True)
+    stop: Annotated[
+        str | list[str] | None, one_message("stop_type", "must be a string or a list of strings")
+    ] = None
+    n: int | None = Field(default=None, strict=True)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
     @property
     def stops(self) -> list[str]:
@@ -63,36 +94,82 @@ class GenerationRequest(BaseModel):
         return self.max_tokens
 
     @property
+    def max_tokens_param(self) -> str:
+        """The field that set `requested_max_tokens` (blamed when it does not fit)."""
+        return "max_tokens"
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first field that asks for what this server does not do, and the sentence that
+        says so; None when there is none. A client that relies on such a field (a tool call,
+        log probabilities for scoring) would otherwise be answered as if it had been honoured."""
+        if self.n not in (None, 1):
+            return "n", f"n is {self.n}; this server returns one choice per request (use n=1)."
+        return None
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Count | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    tools: Any = None
+    functions: Any = None  # tools' older name
+    tool_choice: Any = None
+    response_format: Any = None
 
     @property
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` is the newer name; it wins when both are given."""
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            param = "logprobs" if self.logprobs else "top_logprobs"
+            return param, f"This server returns no log probabilities; leave {param} out."
+        if (self.tools or self.functions) and self.tool_choice != "none":
+            param = "tools" if self.tools else "functions"
+            return param, (
+                f"This server makes no tool calls; leave {param} out (or set tool_choice to "
+                '"none").'
+            )
+        if self.response_format not in (None, {"type": "text"}):
+            return "response_format", (
+                'This server has no JSON mode; leave response_format out (or {"type": "text"}).'
+            )
+        return super().unsupported()
+
 
 class CompletionRequest(GenerationRequest):
     """`prompt` as OpenAI takes it: text, token ids, or a list of either (evaluation harnesses
     send their prompts tokenized, in lists); a list must hold one prompt, as `n` must be 1."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Annotated[
+        str | list[TokenId] | list[str] | list[list[TokenId]],
+        one_message("prompt_type", "must be text, a list of token ids, or a list of one of those"),
+    ]
+    echo: Any = None
+    logprobs: Any = None
+    suffix: Any = None
+    best_of: Any = None
 
-    @field_validator("prompt", mode="wrap")
-    @classmethod
-    def _one_message(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        """One sentence instead of one error per member of the union."""
-        try:
-            return handler(value)
-        except ValidationError:
-            raise PydanticCustomError(
-                "prompt_type", "must be text, a list of token ids, or a list of one of those"
-            ) from None
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "This server does not echo the prompt; leave echo out."
+        if self.logprobs is not None:
+            return "logprobs", "This server returns no log probabilities; leave logprobs out."
+        if self.suffix:
+            return "suffix", "This server does not insert text before a suffix; leave it out."
+        if self.best_of not in (None, 1):
+            return "best_of", "This server returns one sample per request; leave best_of out."
+        return super().unsupported()
 
 
 # -- responses -----------------------------------------------------------------------------------
