@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ktinject.errors import KtinjectError
+
 PAGE = 256
 
 
@@ -41,6 +43,45 @@ class LayerSpec:
     value_dim: int
     dtype: torch.dtype
     device: torch.device
+
+    @property
+    def bytes_per_position(self) -> int:
+        return self.kv_heads * (self.head_dim + self.value_dim) * self.dtype.itemsize
+
+
+def check_cache_memory(
+    specs: dict[int, LayerSpec], num_slots: int, cache_lens: int, fix: str
+) -> None:
+    """Refuse, in one sentence ending with `fix`, a cache larger than the memory free on one of
+    its devices: the allocator's own error is a traceback with a byte count, and far too many
+    slots first spent minutes building their host-side bookkeeping."""
+    needed: dict[torch.device, int] = {}
+    for spec in specs.values():
+        device = torch.device(spec.device)
+        needed[device] = needed.get(device, 0) + spec.bytes_per_position * num_slots * cache_lens
+    for device, nbytes in needed.items():
+        free = free_memory(device)
+        if free is not None and nbytes > free:
+            slots = f"{num_slots:,} slots x " if num_slots > 1 else ""
+            raise KtinjectError(
+                f"A KV cache of {slots}{cache_lens:,} positions needs {nbytes / 2**30:,.1f} GiB "
+                f"on {device}, but {free / 2**30:,.1f} GiB is free there; {fix}."
+            )
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`; None where that is not known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as info:
+                for line in info:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
 
 class StaticKVCache:

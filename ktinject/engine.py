@@ -35,7 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ktinject.cache import AttentionContext, StaticKVCache, local_cache_lens, use_context
+from ktinject.cache import (
+    AttentionContext,
+    StaticKVCache,
+    check_cache_memory,
+    local_cache_lens,
+    use_context,
+)
 from ktinject.compiling import own_copy
 from ktinject.completion import Completion
 from ktinject.devices import host_ints_to
@@ -121,12 +127,24 @@ class Engine:
         self.tokenizer = tokenizer
         self.num_slots = num_slots
         self.chunk_size = chunk_size
+        # positions the model was built for: a longer cache could never be filled (a model with
+        # learned positions would fail on an index), so it is cut to the window, and says so
+        self.window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.cut_cache_note: str | None = None
+        if cache_lens is not None and self.window is not None and cache_lens > self.window:
+            self.cut_cache_note = (
+                f"--cache-lens {cache_lens:,} is past the model's context window; the cache "
+                f"holds its {self.window:,} positions (max_position_embeddings)"
+            )
+            cache_lens = self.window
         self.fixed_cache_lens = cache_lens
         embedding = model.get_input_embeddings().weight
         self.device, self.vocab_size = embedding.device, embedding.shape[0]
         self.specs = {
             m.layer_idx: m.cache_spec() for m in model.modules() if hasattr(m, "cache_spec")
         }
+        if cache_lens is not None:  # before the slots' bookkeeping below
+            self._check_memory(cache_lens)
         decode_linears(model)  # CPU float32 projections decode through the C dot kernels
         self.graph_blocked_by = graph_blocker(model)  # why decode is not captured, if it is not
         self.graph_requested = cuda_graph
@@ -193,6 +211,7 @@ class Engine:
         plain tensors, whichever mode the caller runs in (local mode grows the cache from
         `generate` or from inside `prefill`): the compiled decode step guards on that mode and
         would compile again for a cache allocated in the other one."""
+        self._check_memory(cache_lens)
         old, self.cache = self.cache, None
         self.graphs.clear()
         self.prefill_graphs.clear()
@@ -206,29 +225,35 @@ class Engine:
             if old is not None:
                 self.cache.copy_from(old)
 
+    def _check_memory(self, cache_lens: int) -> None:
+        if self.fixed_cache_lens is None:
+            fix = "shorten the prompt or lower --max-new-tokens"
+        else:
+            fix = "lower --cache-lens" + (" or --max-batch-size" if self.num_slots > 1 else "")
+        check_cache_memory(self.specs, self.num_slots, cache_lens, fix)
+
     # -- context checks -------------------------------------------------------------------------
 
     def check_request(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        """Raise `ContextLengthError` before any compute when the request cannot fit. In local
-        mode the cache grows to fit, bounded by the model's context window."""
-        limit = self.fixed_cache_lens
-        window = limit is None
-        if window:
-            limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if limit is None:
+        """Raise `ContextLengthError` before any compute when the request cannot fit: in the
+        fixed cache, and always in the model's context window (in local mode the cache grows to
+        fit, up to that window)."""
+        limits = [n for n in (self.fixed_cache_lens, self.window) if n is not None]
+        if not limits:
             return
+        limit = min(limits)
         if prompt_tokens >= limit or prompt_tokens + max_new_tokens > limit:
             raise ContextLengthError(
                 prompt_tokens=prompt_tokens,
                 max_new_tokens=max_new_tokens,
                 cache_lens=limit,
-                window=window,
+                window=limit == self.window,
             )
 
     def notes(self) -> list[str]:
-        """One line per requested speed-up this engine cannot use here, and why (printed by the
-        CLI and the server at start-up)."""
-        notes = []
+        """One line per requested setting or speed-up this engine cannot give here, and why
+        (printed by the CLI and the server at start-up)."""
+        notes = [self.cut_cache_note] if self.cut_cache_note else []
         if self.device.type == "cuda" and self.graph_requested and self.graph_blocked_by:
             notes.append(f"decode runs without CUDA graphs: {self.graph_blocked_by}")
         if self.compile_blocked_by:

@@ -61,6 +61,31 @@ def test_dynamic_cache_model_is_bounded_by_its_context_window() -> None:
         engine.generate(PROMPT, SamplingParams(max_new_tokens=5))
 
 
+@pytest.mark.parametrize("rules", ["llama", None], ids=["static", "unpatched"])
+def test_a_cache_past_the_context_window_is_cut_to_it_and_says_so(rules) -> None:
+    """A model with learned positions (GPT-2's) failed on an index past its window; a RoPE
+    model's cache past it could only be filled with positions it was not trained for."""
+    model = tiny_model("llama", max_position_embeddings=64)
+    if rules:
+        model, _ = optimize(model, rules)
+    engine = Engine(model, cache_lens=100)
+    assert engine.cache_lens == 64
+    assert any("--cache-lens 100 is past the model's context window" in n for n in engine.notes())
+    with pytest.raises(ContextLengthError, match="context window is 64 positions"):
+        engine.generate(list(range(1, 60)), SamplingParams(max_new_tokens=10))
+
+
+def test_a_cache_larger_than_free_memory_is_one_sentence(patched) -> None:
+    """Before any allocation, and before the bookkeeping of a billion slots."""
+    with pytest.raises(KtinjectError, match=r"needs [\d,.]+ GiB on cpu.*lower --cache-lens or"):
+        Engine(patched, cache_lens=64, num_slots=10**9)
+    huge = optimize(tiny_model("llama", max_position_embeddings=10**12), "llama")[0]
+    with pytest.raises(KtinjectError, match="GiB is free there; lower --cache-lens[.]"):
+        Engine(huge, cache_lens=10**11)
+    with pytest.raises(KtinjectError, match="shorten the prompt or lower --max-new-tokens"):
+        Engine(huge).reserve(10, 10**11)
+
+
 def test_local_mode_sizes_cache_in_pages(patched) -> None:
     engine = Engine(patched)
     greedy(engine, PROMPT, 4)
