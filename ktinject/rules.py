@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,11 @@ def find_rule_file(spec: str | Path, *, relative_to: Path | None = None) -> Path
         if path.is_file():
             return path
     names = ", ".join(p.name for p in builtin_rule_files())
+    if any(path.is_dir() for path in candidates[:-2]):  # the user's paths, not the shipped
+        raise RuleError(
+            f"Rule file {str(spec)!r} is a directory; give a rule file (.yaml) in it or one of "
+            f"the shipped files: {names}."
+        )
     raise RuleError(
         f"Rule file {str(spec)!r} does not exist; give a path or one of the shipped files: {names}."
     )
@@ -189,7 +194,13 @@ def load_rules(
             )
         variables[key] = value
     rules = [
-        _validate(raw, variables, notes, allow_external_operators=allow_external_operators)
+        _validate(
+            raw,
+            variables,
+            notes,
+            overridden=set(overrides or {}),
+            allow_external_operators=allow_external_operators,
+        )
         for raw in raw_rules
     ]
     return RuleSet(rules=rules, variables=variables, sources=sources, notes=notes)
@@ -218,6 +229,11 @@ def _read_chain(
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RuleError(f"Rule file {str(path)!r} cannot be read: {exc.strerror}.") from None
+    except UnicodeDecodeError as exc:
+        raise RuleError(
+            f"Rule file {str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+            f"offset {exc.start}); save it as UTF-8 YAML."
+        ) from None
     try:
         document = yaml.load(text, Loader=RuleLoader)
         lines = _rule_lines(yaml.compose(text, Loader=RuleLoader))
@@ -326,6 +342,7 @@ def _validate(
     variables: dict[str, Any],
     notes: list[str],
     *,
+    overridden: set[str],
     allow_external_operators: bool,
 ) -> Rule:
     line = f", line {raw.line}" if raw.line is not None else ""
@@ -344,18 +361,43 @@ def _validate(
     _check_keys(replace, REPLACE_KEYS, where, "replace key")
 
     name_pattern = None
-    if match.get("name") is not None:
+    name = match.get("name")
+    written_name = _raw_value(raw.body, "match.name")
+    if isinstance(written_name, str) and isinstance(name, int | float):
+        name = str(name)  # a number from a variable (`--set layer=5` reads 5 as an int)
+    if name is not None and not isinstance(name, str):
+        origin = _origin(written_name, variables, overridden)
+        raise RuleError(
+            f"{where}: match.name must be a string (a regex), not {type(name).__name__} "
+            f"{name!r}; {origin or f'quote it, e.g. name: {str(name)!r}'}."
+        )
+    if name is not None:
         try:
-            name_pattern = re.compile(str(match["name"]))
+            name_pattern = re.compile(name)
         except re.error as exc:
+            origin = _origin(written_name, variables, overridden, bad=_not_a_regex)
             raise RuleError(
-                f"{where}: match.name {match['name']!r} is not a valid regex ({exc}); fix it."
+                f"{where}: match.name {name!r} is not a valid regex ({exc}); {origin or 'fix it'}."
             ) from None
     match_class = match.get("class")
     if match_class is not None and not isinstance(match_class, str):
         raise RuleError(f"{where}: match.class must be a class name string.")
 
-    kwargs = dict(replace.get("kwargs") or {})
+    kwargs = replace.get("kwargs")
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise RuleError(
+            f"{where}: replace.kwargs must be a mapping of keyword arguments, not a "
+            f"{type(kwargs).__name__} ({kwargs!r}); write it as kwargs: {{name: value}}."
+        )
+    odd = [key for key in kwargs if not isinstance(key, str)]
+    if odd:
+        raise RuleError(
+            f"{where}: replace.kwargs key {odd[0]!r} is not a keyword argument name; use a name "
+            f"such as threads."
+        )
+    kwargs = dict(kwargs)
     device_value = replace.get("device")
     generate_device = kwargs.pop("generate_device", None)
     prefill_device = kwargs.pop("prefill_device", None)
@@ -369,7 +411,7 @@ def _validate(
     device = None
     if device_value is not None:
         key = "replace.device" if replace.get("device") is not None else GENERATE_DEVICE_KEY
-        via = VAR_PATTERN.findall(str(_raw_device(raw.body, key)))
+        via = VAR_PATTERN.findall(str(_raw_value(raw.body, key)))
         fix = f"--set {via[0]}=cpu" if via else key
         device = check_device(str(device_value), where=where, fix=fix)
 
@@ -396,14 +438,41 @@ def _validate(
     )
 
 
-def _raw_device(body: dict[str, Any], key: str) -> Any:
-    """The device as written in the rule, before `${...}` is resolved ("" if not a plain key)."""
-    replace = body.get("replace")
-    replace = replace if isinstance(replace, dict) else {}
-    if key == "replace.device":
-        return replace.get("device") or ""
-    kwargs = replace.get("kwargs")
-    return (kwargs if isinstance(kwargs, dict) else {}).get("generate_device") or ""
+def _raw_value(body: dict[str, Any], key: str) -> Any:
+    """The value of a dotted `key` (`replace.device`) as written in the rule, before `${...}` is
+    resolved ("" if not a plain key)."""
+    value: Any = body
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return "" if value is None else value
+
+
+def _not_a_regex(value: Any) -> bool:
+    try:
+        re.compile(str(value))
+    except re.error:
+        return True
+    return False
+
+
+def _origin(
+    written: Any,
+    variables: Mapping[str, Any],
+    overridden: set[str],
+    bad: Callable[[Any], bool] | None = None,
+) -> str:
+    """Where a bad value came from when the rule wrote it as `${var}` ("" when written out): the
+    first variable it uses whose value alone is `bad` (else the first), and how to change it."""
+    names = [name for name in VAR_PATTERN.findall(str(written)) if name in variables]
+    if not names:
+        return ""
+    name = next((n for n in names if bad is not None and bad(variables[n])), names[0])
+    if name in overridden:
+        return f"it comes from --set {name}={variables[name]}: fix that value"
+    return (
+        f"it comes from ${{{name}}} = {variables[name]!r} under vars:; fix it there or pass "
+        f"--set {name}=VALUE"
+    )
 
 
 def import_operator(path: str, *, where: str, allow_external: bool) -> type[torch.nn.Module]:

@@ -559,6 +559,22 @@ BAD_RULES = {
         {"replace": "{device: cpu}"},
         ["'replace' must be a mapping with at least 'class'"],
     ),
+    "kwargs not a mapping": (
+        {"replace": "{class: default, kwargs: [1, 2]}"},
+        ["replace.kwargs must be a mapping of keyword arguments", "not a list ([1, 2])"],
+    ),
+    "kwargs key not a name": (
+        {"replace": "{class: default, kwargs: {1: 2}}"},
+        ["replace.kwargs key 1", "not a keyword argument name"],
+    ),
+    "name not a string": (
+        {"match": "{name: 5}"},
+        ["match.name must be a string (a regex), not int 5", "name: '5'"],
+    ),
+    "bad regex from a variable": (
+        {"match": "{name: 'x${open}'}"},
+        ["match.name 'x('", "not a valid regex", "${open} = '(' under vars:", "--set open="],
+    ),
 }
 
 
@@ -570,7 +586,7 @@ def bad_rule_file(directory: Path, changes: dict[str, str | None]) -> Path:
     item = "  - " + "\n    ".join(lines)
     path = directory / "bad.yaml"
     path.write_text(
-        f"vars: {{gpu: '{MISSING_CUDA}', indirect: '${{nowhere}}'}}\n"
+        f"vars: {{gpu: '{MISSING_CUDA}', indirect: '${{nowhere}}', open: '('}}\n"
         "rules:\n"
         "  - match: {name: a}\n"
         "    replace: {class: default}\n"
@@ -589,6 +605,30 @@ def test_a_bad_rule_is_one_sentence_with_file_rule_and_line(tmp_path: Path, case
         load_rules(path)
 
     one_sentence(caught.value, f"{path} rule 1, line 5:", *fragments)
+
+
+def test_a_bad_regex_from_an_override_names_the_set_flag(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "split.yaml",
+        """
+        vars: {second: '1'}
+        rules:
+          - match: {name: '^(${second})$'}
+            replace: {class: default}
+        """,
+    )
+
+    with pytest.raises(RuleError) as caught:
+        load_rules(path, {"second": "("})
+
+    one_sentence(caught.value, f"{path} rule 0, line 3:", "not a valid regex", "--set second=(:")
+
+
+def test_a_number_from_a_variable_is_a_name_pattern() -> None:
+    document = {"vars": {"layer": 5}, "rules": [rule("${layer}")]}
+
+    assert load_rules(document).rules[0].name_pattern == re.compile("5")
 
 
 def test_a_bad_device_is_a_device_error(tmp_path: Path) -> None:
@@ -654,6 +694,23 @@ def test_a_missing_rule_file_lists_the_shipped_ones() -> None:
         load_rules("no-such-rules.yaml")
 
     one_sentence(caught.value, "'no-such-rules.yaml' does not exist", "llama.yaml")
+
+
+def test_a_rule_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00rules")
+
+    with pytest.raises(RuleError) as caught:
+        load_rules(path)
+
+    one_sentence(caught.value, f"{str(path)!r} is not UTF-8 text", "0xff")
+
+
+def test_a_directory_is_not_a_rule_file(tmp_path: Path) -> None:
+    with pytest.raises(RuleError) as caught:
+        load_rules(tmp_path)
+
+    one_sentence(caught.value, f"{str(tmp_path)!r} is a directory", "(.yaml)", "llama.yaml")
 
 
 def test_an_unknown_override_names_it_and_the_files_vars(tmp_path: Path) -> None:
