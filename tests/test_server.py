@@ -691,6 +691,84 @@ def test_config_file_is_overridden_by_flags(tmp_path):
         resolve_options(serve_args("--config", str(config)))
 
 
+def refuse_load(monkeypatch) -> dict:
+    """Make loading the model fail the test; returns where `load`'s keyword arguments go if a
+    test lets it be called (it then raises a KtinjectError("loaded"))."""
+    seen: dict = {}
+
+    def load(*args, **kwargs):
+        seen.update(kwargs)
+        raise KtinjectError("loaded")
+
+    monkeypatch.setattr("ktinject.loading.load", load)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe\x00x", " is not UTF-8 text (byte 0xff at offset 0); save the file as UTF-8."),
+        (b"cache_lens: [1", " line 1, column 13: malformed YAML (while parsing a flow sequence: "),
+        (b"cache-lens: abc\n", ": cache_lens is 'abc'; it must be an integer."),
+        (b"set: gpu=cpu\n", ": set is 'gpu=cpu'; it must be a list of KEY=VALUE strings."),
+        (b"set: {gpu: cpu}\n", ": set is {'gpu': 'cpu'}; it must be a list"),
+        (b"port: null\n", ": port is empty; it must be an integer."),
+        (b"max_batch_size: 0\n", ": max_batch_size (--max-batch-size) is 0; it must be at least"),
+        (b"api_key: ' '\n", ": api_key (--api-key) is empty; give a key, or leave the key out"),
+        (b"cache_lens: ${nope}\n", ": cache_lens cannot be resolved"),
+        (b"- port: 1\n", ": expected a mapping of settings"),
+        (b"cache_lenz: 1\n", ": 'cache_lenz' is not a setting (closest: cache_lens); valid keys"),
+    ],
+)
+def test_config_file_mistakes_name_the_file_and_key(tmp_path, monkeypatch, content, message):
+    refuse_load(monkeypatch)
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    with pytest.raises(KtinjectError) as caught:
+        run_serve(serve_args("--config", str(config), "--port", "0"))
+    assert str(caught.value).startswith(f"--config {config}{message}")
+
+
+def test_a_flag_is_named_for_its_own_value_and_wins_over_the_file(tmp_path, monkeypatch):
+    refuse_load(monkeypatch)
+    config = tmp_path / "c.yaml"
+    config.write_text("max_batch_size: 0\ncache_lens: 1\n")
+    with pytest.raises(KtinjectError, match=r"^--cache-lens is 0; it must be at least 2\.$"):
+        resolve_options(
+            serve_args("--config", str(config), "--max-batch-size", "2", "--cache-lens", "0")
+        )
+    config.write_text("api_key: sk-file\n")  # flags are taken as given, never interpolated
+    assert resolve_options(serve_args("--config", str(config), "--api-key", "a${b}")).api_key == (
+        "a${b}"
+    )
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_refused_rather_than_disabling_auth(monkeypatch, key):
+    refuse_load(monkeypatch)
+    with pytest.raises(KtinjectError) as caught:
+        run_serve(serve_args("--host", "0.0.0.0", "--port", "0", "--api-key", key))
+    assert str(caught.value) == (
+        "--api-key is empty; give a key, or leave the flag out to serve without one."
+    )
+
+
+def test_serve_takes_the_rule_flags_of_run_and_no_abbreviations(monkeypatch, capsys):
+    from ktinject.cli import build_parser
+
+    defaults = resolve_options(serve_args())
+    assert (defaults.strict, defaults.allow_external_operators) == (False, False)
+    seen = refuse_load(monkeypatch)
+    with pytest.raises(KtinjectError, match="loaded"):
+        run_serve(serve_args("--strict", "--allow-external-operators", "--port", "0"))
+    assert (seen["strict"], seen["allow_external_operators"]) == (True, True)
+    args = build_parser(["serve"]).parse_args(["serve", "--strict"])
+    assert (args.strict, args.strict_context) == (True, None)
+    with pytest.raises(SystemExit):
+        build_parser(["serve"]).parse_args(["serve", "--no-prefix"])
+    assert "unrecognized arguments: --no-prefix" in capsys.readouterr().err
+
+
 def test_a_busy_port_is_refused_before_the_model_loads(monkeypatch):
     """Loading (and --compile) can take minutes; a taken port must fail first, in one sentence."""
 

@@ -7,10 +7,12 @@ at module level here.
 from __future__ import annotations
 
 import argparse
+import difflib
+import io
 import ipaddress
 import socket
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ktinject.errors import KtinjectError
@@ -27,6 +29,8 @@ class ServeOptions:
     set: list[str] = field(default_factory=list)
     device: str | None = None
     dtype: str = "auto"
+    strict: bool = False
+    allow_external_operators: bool = False
     cache_lens: int = 4096
     max_batch_size: int = 4
     max_new_tokens: int = 1024
@@ -68,6 +72,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if any)")
     parser.add_argument("--dtype", help=f"auto, float32, bfloat16 ({d.dtype})")
     parser.add_argument(
+        "--strict", action="store_true", default=None, help="fail when a rule matches no module"
+    )
+    parser.add_argument(
+        "--allow-external-operators",
+        action="store_true",
+        default=None,
+        help="let replace.class import from packages other than operators/ktinject/torch.nn/"
+        "transformers",
+    )
+    parser.add_argument(
         "--cache-lens",
         type=int,
         metavar="N",
@@ -96,7 +110,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on /v1/ routes",
+        help="require 'Authorization: Bearer KEY' on every route but /health and /metrics",
     )
     parser.add_argument(
         "--strict-context",
@@ -125,47 +139,106 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_options(args: argparse.Namespace) -> ServeOptions:
     """`ServeOptions` defaults, then the --config file, then the flags given. `--set` values
     from the file and the command line both apply (the command line's last)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    merged = OmegaConf.structured(ServeOptions)
+    options, from_file = ServeOptions(), set()
     if args.config is not None:
-        try:
-            loaded = OmegaConf.to_container(OmegaConf.load(args.config)) or {}
-            if not isinstance(loaded, dict):
-                raise KtinjectError(f"--config {args.config}: expected a mapping of settings.")
-            loaded = {str(key).replace("-", "_"): value for key, value in loaded.items()}
-            merged = OmegaConf.merge(merged, loaded)
-        except OSError as exc:
-            raise KtinjectError(f"--config {args.config}: {exc.strerror}.") from None
-        except OmegaConfBaseException as exc:
-            problem = str(exc).splitlines()[0]
-            raise KtinjectError(
-                f"--config {args.config}: {problem}; valid keys: "
-                f"{', '.join(f.name for f in fields(ServeOptions))}."
-            ) from None
+        options, from_file = _read_config(args.config)
     given = {f.name: getattr(args, f.name, None) for f in fields(ServeOptions)}
     given = {name: value for name, value in given.items() if value is not None}
     if "set" in given:
-        given["set"] = [*merged.set, *given["set"]]
-    options = OmegaConf.to_object(OmegaConf.merge(merged, given))
-    _check(options)
+        given["set"] = [*options.set, *given["set"]]
+    options = replace(options, **given)  # flags as typed, never read as OmegaConf `${...}`
+    _check(options, from_file - given.keys(), args.config)
     return options
 
 
-def _check(options: ServeOptions) -> None:
-    for name, flag in (
-        ("max_batch_size", "--max-batch-size"),
-        ("max_new_tokens", "--max-new-tokens"),
-        ("chunk_size", "--chunk-size"),
-    ):
+_KINDS = {"int": "an integer", "bool": "true or false", "list[str]": "a list of KEY=VALUE strings"}
+
+
+def _read_config(path: str) -> tuple[ServeOptions, set[str]]:
+    """The --config file over `ServeOptions` defaults (OmegaConf converts and resolves its
+    `${...}`), and the names of the settings it gave. Every mistake names the file and key."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise KtinjectError(f"--config {path}: {exc.strerror}.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KtinjectError(
+            f"--config {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}); save the file as UTF-8."
+        ) from None
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(io.StringIO(text)))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        opened = getattr(exc, "context_mark", None)
+        if mark is not None and opened is not None and mark.index >= len(text.rstrip()):
+            mark, problem = opened, f"{exc.context}: {problem}"  # never closed: say where it opens
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise KtinjectError(
+            f"--config {path}{at}: malformed YAML ({problem}); fix the file there."
+        ) from None
+    except (OSError, OmegaConfBaseException):  # a lone number, a null key...
+        loaded = None
+    if not isinstance(loaded, dict):
+        raise KtinjectError(f"--config {path}: expected a mapping of settings (KEY: VALUE lines).")
+    names = [f.name for f in fields(ServeOptions)]
+    kinds = {f.name: _KINDS.get(str(f.type), "a string") for f in fields(ServeOptions)}
+    merged = OmegaConf.structured(ServeOptions)
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (closest: {close[0]})" if close else ""
+            raise KtinjectError(
+                f"--config {path}: {str(key)!r} is not a setting{hint}; valid keys: "
+                f"{', '.join(names)}."
+            )
+        try:
+            merged = OmegaConf.merge(merged, {name: value})
+        except (OmegaConfBaseException, TypeError):  # TypeError: a mapping given for a list
+            shown = "empty" if value is None else repr(value)
+            raise KtinjectError(
+                f"--config {path}: {name} is {shown}; it must be {kinds[name]}."
+            ) from None
+    try:
+        options = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:  # a `${...}` that does not resolve to a valid value
+        problem = str(exc).splitlines()[0]
+        raise KtinjectError(
+            f"--config {path}: {exc.full_key} cannot be resolved ({problem}); fix the file there."
+        ) from None
+    return options, {str(key).replace("-", "_") for key in loaded}
+
+
+def _check(options: ServeOptions, from_file: set[str], config: str | None) -> None:
+    """Limits, each named by its flag, or by the --config key (and flag) it came from."""
+
+    def setting(name: str) -> str:
+        flag = "--" + name.replace("_", "-")
+        return f"--config {config}: {name} ({flag})" if name in from_file else flag
+
+    for name in ("max_batch_size", "max_new_tokens", "chunk_size"):
         value = getattr(options, name)
         if value < 1:
-            raise KtinjectError(f"{flag} is {value}; it must be at least 1.")
+            raise KtinjectError(f"{setting(name)} is {value}; it must be at least 1.")
     if options.cache_lens < 2:
-        raise KtinjectError(f"--cache-lens is {options.cache_lens}; it must be at least 2.")
+        raise KtinjectError(
+            f"{setting('cache_lens')} is {options.cache_lens}; it must be at least 2."
+        )
     if not 0 <= options.port <= 65535:
-        raise KtinjectError(f"--port is {options.port}; it must be in 0..65535.")
+        raise KtinjectError(f"{setting('port')} is {options.port}; it must be in 0..65535.")
+    if options.api_key is not None and not options.api_key.strip():  # "" would disable auth
+        leave = "the key" if "api_key" in from_file else "the flag"
+        raise KtinjectError(
+            f"{setting('api_key')} is empty; give a key, or leave {leave} out to serve without one."
+        )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -190,6 +263,8 @@ def _serve(options: ServeOptions, listener: socket.socket) -> int:
         overrides=overrides_arg(options.set),
         device=options.device,
         dtype=options.dtype,
+        strict=bool(options.strict),
+        allow_external_operators=bool(options.allow_external_operators),
     )
     engine = Engine(
         loaded.model,
