@@ -11,13 +11,16 @@ the weights read and placed, so an operator placed on another device never costs
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,14 +177,12 @@ def plan(
     `rules="auto"` picks the shipped rule file for the model's family (none: the model runs
     unpatched); `None` applies no rules; anything else is a rule file path or shipped name.
     """
-    from transformers import AutoConfig
-
     model_source = resolve_source(source)
     target = flag_device(device)
     hf_dir = model_source.path
     if model_source.kind in ("gguf", "embedded"):
         hf_dir = convert_gguf(model_source.path)
-    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+    config = read_config(hf_dir)
     rule_spec = rules_for(config.model_type) if rules == "auto" else rules
     target_dtype = resolve_dtype(dtype, target)
     model, report = optimize(
@@ -250,6 +251,57 @@ def load(
     )
 
 
+def read_config(hf_dir: Path) -> Any:
+    """`hf_dir`'s config through transformers, or one sentence on what is wrong with its
+    config.json (transformers' own errors are an OSError without the position, or paragraphs)."""
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    config_file = hf_dir / "config.json"
+    try:
+        raw = json.loads(config_file.read_bytes())
+    except OSError as exc:
+        raise ModelSourceError(
+            f"{config_file} cannot be read ({exc.strerror or exc}); check the file's permissions."
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ModelSourceError(
+            f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+            f"{exc.colno}); fix or replace it."
+        ) from None
+    except ValueError as exc:  # UnicodeDecodeError: not text at all
+        raise ModelSourceError(
+            f"{config_file} is not valid JSON ({_first_line(exc)}); fix or replace it."
+        ) from None
+    if not isinstance(raw, dict):
+        raise ModelSourceError(
+            f"{config_file} holds a JSON {type(raw).__name__}, not an object of settings; fix or "
+            f"replace it."
+        )
+    model_type = raw.get("model_type")
+    if model_type is not None and (
+        not isinstance(model_type, str) or model_type not in CONFIG_MAPPING
+    ):
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING), n=1, cutoff=0.8)
+        closest = f" (closest: {close[0]!r})" if close else ""
+        raise ModelSourceError(
+            f"{hf_dir}: model_type {model_type!r} is not one transformers "
+            f"{transformers.__version__} knows{closest}; fix model_type in config.json or use a "
+            f"transformers release that supports this model family."
+        )
+    try:
+        return AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+    except ValueError as exc:  # no model_type, remote code, values its config class refuses
+        raise ModelSourceError(
+            f"{config_file} cannot be used by transformers ({_first_line(exc)}); fix or replace it."
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
 def build_on_meta(config: Any, dtype: torch.dtype) -> nn.Module:
     """Instantiate the architecture with parameters on meta (buffers such as RoPE tables real)."""
     from accelerate import init_empty_weights
@@ -278,12 +330,16 @@ def load_weights(model: nn.Module, hf_dir: Path, dtype: torch.dtype, *, progress
             f"{hf_dir} has no *.safetensors weights; convert the checkpoint to safetensors."
         )
     state: dict[str, torch.Tensor] = {}
-    handles = [safe_open(file, framework="pt") for file in files]
-    total = sum(len(handle.keys()) for handle in handles)
+    handles = {}
+    for file in files:
+        with _readable(file):
+            handles[file] = safe_open(file, framework="pt")
+    total = sum(len(handle.keys()) for handle in handles.values())
     with tqdm(total=total, desc="Loading weights", disable=not progress, leave=False) as bar:
-        for handle in handles:
+        for file, handle in handles.items():
             for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensor = handle.get_tensor(key)
+                with _readable(file):
+                    tensor = handle.get_tensor(key)
                 state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
                 bar.update()
     state = in_model_layout(model, state)
@@ -306,6 +362,21 @@ def load_weights(model: nn.Module, hf_dir: Path, dtype: torch.dtype, *, progress
                 f"{hf_dir}: checkpoint has {len(unexpected)} weight(s) the model does not use, "
                 f"e.g. {unexpected[0]!r}; the directory does not match its config.json."
             )
+
+
+@contextlib.contextmanager
+def _readable(file: Path) -> Iterator[None]:
+    """A weights file safetensors cannot read (cut short by a download, overwritten...) as one
+    sentence naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise ModelSourceError(
+            f"{file} cannot be read ({_first_line(exc)}); the file is truncated or corrupt, "
+            f"re-download it."
+        ) from None
 
 
 def in_model_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

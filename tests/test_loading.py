@@ -7,7 +7,9 @@ random-weight models saved to tmp_path, with the unpatched original as the oracl
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 from pathlib import Path
 
 import gguf
@@ -312,3 +314,47 @@ def test_rule_errors_surface_from_load(tiny_dir: Path) -> None:
         load(tiny_dir, overrides={"gpu": "cpu"}, progress=False)
 
     one_sentence(caught.value, "--set gpu=cpu")
+
+
+# --- a damaged model directory ------------------------------------------------------------------
+
+
+@pytest.fixture
+def damaged_dir(tiny_dir: Path, tmp_path: Path) -> Path:
+    """A copy of `tiny_dir` a test may break."""
+    return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+
+
+def test_a_config_json_that_is_not_json_names_file_and_position(damaged_dir: Path) -> None:
+    config = damaged_dir / "config.json"
+    config.write_text(config.read_text()[:-20])
+
+    with pytest.raises(ModelSourceError) as caught:
+        load(damaged_dir, progress=False)
+
+    one_sentence(caught.value, f"{config} is not valid JSON", "line ", "column ", "fix or replace")
+
+
+def test_an_unknown_model_type_is_one_sentence(damaged_dir: Path) -> None:
+    config = damaged_dir / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "foobar"}))
+
+    with pytest.raises(ModelSourceError) as caught:
+        load(damaged_dir, progress=False)
+
+    one_sentence(
+        caught.value,
+        f"{damaged_dir}: model_type 'foobar' is not one transformers {transformers.__version__} "
+        "knows",
+        "config.json",
+    )
+
+
+def test_truncated_weights_name_the_file(damaged_dir: Path) -> None:
+    weights = damaged_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    with pytest.raises(ModelSourceError) as caught:
+        load(damaged_dir, progress=False)
+
+    one_sentence(caught.value, f"{weights} cannot be read", "truncated or corrupt", "re-download")
