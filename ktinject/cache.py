@@ -60,7 +60,7 @@ def check_cache_memory(
         device = torch.device(spec.device)
         needed[device] = needed.get(device, 0) + spec.bytes_per_position * num_slots * cache_lens
     for device, nbytes in needed.items():
-        free = free_memory(device)
+        free = available_memory(device)
         if free is not None and nbytes > free:
             slots = f"{num_slots:,} slots x " if num_slots > 1 else ""
             raise KtinjectError(
@@ -69,10 +69,11 @@ def check_cache_memory(
             )
 
 
-def free_memory(device: torch.device) -> int | None:
+def available_memory(device: torch.device) -> int | None:
     """Bytes that can still be allocated on `device`; None where that is not known."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # what the driver has left, and what torch holds unused
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as info:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
-from ktinject.bench import add_bench_arguments, run_bench
+from ktinject.bench import add_bench_arguments, run_bench, runner
 from ktinject.errors import KtinjectError
 
 METRICS = {
@@ -118,6 +119,31 @@ def test_bad_flags_fail_in_one_sentence(flags, message):
     args = parse("--shape", "tiny", "--device", "cpu", *flags)
     with pytest.raises(KtinjectError, match=message):
         run_bench(args)
+
+
+def test_a_long_prompt_len_names_that_flag():
+    """Without long-context runs the cache is sized by --prompt-len: that is the flag to lower."""
+    args = parse(
+        "--shape", "tiny", "--device", "cpu", "--prompt-len", "5000", "--long-context", "0"
+    )
+    with pytest.raises(KtinjectError, match=r"--prompt-len 5000 .*; lower --prompt-len\.$"):
+        run_bench(args)
+
+
+@pytest.mark.parametrize("where", ["directory", "under a file"])
+def test_an_unusable_json_path_fails_before_anything_runs(tmp_path, monkeypatch, where):
+    def no_models(*args, **kwargs):
+        raise AssertionError("the models were built")
+
+    monkeypatch.setattr(runner, "_open_models", no_models)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    path, message = {
+        "directory": (tmp_path, f"--json {tmp_path} is a directory; give a file path"),
+        "under a file": (blocker / "bench.json", f"{blocker} is a file, not a directory"),
+    }[where]
+    with pytest.raises(KtinjectError, match=re.escape(message)):
+        run_bench(parse("--shape", "tiny", "--device", "cpu", "--json", str(path)))
 
 
 def test_rule_variables_are_set_from_the_command_line(tmp_path):

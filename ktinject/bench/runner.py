@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from ktinject.bench.systems import (
     Ktinject,
     Sample,
 )
-from ktinject.cache import local_cache_lens
+from ktinject.cache import available_memory, local_cache_lens
 from ktinject.cli import overrides_arg, rules_arg
 from ktinject.devices import flag_device
 from ktinject.errors import KtinjectError
@@ -106,6 +107,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         compile=args.compile,
         threads=args.threads if args.threads is not None else (None if gpu else 2),
     )
+    check_json_path(args.json)
     for flag, value, least in (
         ("--prompt-len", settings.prompt_len, 1),
         ("--long-context", settings.long_context, 0),
@@ -117,6 +119,29 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         if value < least:
             raise KtinjectError(f"{flag} is {value}; it must be at least {least}.")
     return settings
+
+
+def check_json_path(value: str | None) -> None:
+    """Refuse a `--json` path that cannot be written before anything is measured, not after."""
+    if not value:
+        return
+    path = Path(value).expanduser()
+    if path.is_dir() or value.endswith(("/", os.sep)):
+        raise KtinjectError(
+            f"--json {value} is a directory; give a file path, e.g. --json {path / 'bench.json'}."
+        )
+    parent = next((p for p in path.parents if p.exists()), Path("."))  # write_json creates the rest
+    if not parent.is_dir():
+        raise KtinjectError(
+            f"--json {value} cannot be created: {parent} is a file, not a directory; give "
+            f"another path."
+        )
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(parent, os.W_OK | os.X_OK)
+    if not writable:
+        raise KtinjectError(
+            f"--json {value} cannot be written ({path if path.exists() else parent} is not "
+            f"writable); give a path you can write to."
+        )
 
 
 @dataclass
@@ -153,10 +178,17 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     models = _open_models(args, settings)
     limit = getattr(models.config, "max_position_embeddings", None)
     if limit is not None and settings.cache_lens > limit:
+        # the cache is sized for the longer of the two contexts: name that one's flag
+        flag, length = (
+            ("--long-context", settings.long_context)
+            if settings.long_context >= settings.prompt_len
+            else ("--prompt-len", settings.prompt_len)
+        )
+        lower = "--new-tokens" if local_cache_lens(1, settings.new_tokens) > limit else flag
         raise KtinjectError(
-            f"--long-context {settings.long_context} with --new-tokens {settings.new_tokens} "
-            f"needs a cache of {settings.cache_lens} positions, more than the model's "
-            f"{limit} (max_position_embeddings); lower --long-context."
+            f"{flag} {length} with --new-tokens {settings.new_tokens} needs a cache of "
+            f"{settings.cache_lens} positions, more than the model's {limit} "
+            f"(max_position_embeddings); lower {lower}."
         )
     probe = MemoryProbe(settings.device)
     interleaved = _two_copies_fit(weights_bytes(models.baseline()), settings, models.config)
@@ -247,10 +279,9 @@ def _prompts(settings: Settings, vocab: int) -> dict[str, torch.Tensor]:
 def _two_copies_fit(weights: int, settings: Settings, config: Any) -> bool:
     """Whether a second copy of the weights, the caches of every system and some margin fit."""
     kv = _kv_bytes(config, settings) * (len(settings.baselines) + 1)
-    if settings.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(settings.device)
-        return weights + kv + GPU_MARGIN <= free
-    return weights + kv + CPU_MARGIN <= _available_ram()
+    free = available_memory(settings.device)
+    margin = GPU_MARGIN if settings.device.type == "cuda" else CPU_MARGIN
+    return free is None or weights + kv + margin <= free  # unknown: assume it fits
 
 
 def _kv_bytes(config: Any, settings: Settings) -> int:
@@ -259,17 +290,6 @@ def _kv_bytes(config: Any, settings: Settings) -> int:
     element = torch.empty((), dtype=settings.dtype).element_size()
     per_sequence = 2 * config.num_hidden_layers * heads * head_dim * settings.cache_lens * element
     return per_sequence * settings.batch
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62  # unknown: assume it fits
 
 
 def _baselines(models: RandomModels | LoadedModels, settings: Settings) -> list[HFEager]:
