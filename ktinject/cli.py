@@ -182,6 +182,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise KtinjectError(
             f"run takes [MODEL] PROMPT, got {len(args.words)} arguments; quote the prompt."
         )
+    first = args.words[0]
+    looks_like_path = "/" in first or os.sep in first or first.lower().endswith(".gguf")
+    if len(args.words) == 2 and not looks_like_path and not os.path.exists(first):
+        # `ktinject run Hi there`: a two-word prompt, not a model called "Hi"
+        raise KtinjectError(
+            f"run takes [MODEL] PROMPT, got 2 arguments and {first!r} is not an existing model "
+            f"path; quote the prompt."
+        )
     model, prompt = (
         (args.words[0], args.words[1]) if len(args.words) == 2 else (None, args.words[0])
     )
@@ -295,24 +303,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ktinject", description="Run Hugging Face causal LMs with injected fast operators."
+        prog="ktinject",
+        description="Run Hugging Face causal LMs with injected fast operators.",
+        allow_abbrev=False,  # here and in each subcommand: a partial flag is an error, not a guess
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="generate a completion for one prompt")
+    run = commands.add_parser(
+        "run", help="generate a completion for one prompt", allow_abbrev=False
+    )
     run.add_argument("words", nargs="+", metavar="[MODEL] PROMPT")
     run.add_argument("--raw", action="store_true", help="do not apply the chat template")
     add_model_arguments(run)
     add_generation_arguments(run)
     run.set_defaults(handler=cmd_run)
 
-    chat = commands.add_parser("chat", help="interactive chat in the terminal")
+    chat = commands.add_parser("chat", help="interactive chat in the terminal", allow_abbrev=False)
     chat.add_argument("model", nargs="?", default=None)
     add_model_arguments(chat)
     add_generation_arguments(chat)
     chat.set_defaults(handler=cmd_chat)
 
-    inspect = commands.add_parser("inspect", help="show which module each rule replaces")
+    inspect = commands.add_parser(
+        "inspect", help="show which module each rule replaces", allow_abbrev=False
+    )
     inspect.add_argument("model", nargs="?", default=None)
     add_model_arguments(inspect)
     inspect.set_defaults(handler=cmd_inspect)
@@ -321,7 +335,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         (a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None
     )
     for name, help_text, module, adder, handler in LAZY_COMMANDS:
-        sub = commands.add_parser(name, help=help_text)
+        sub = commands.add_parser(name, help=help_text, allow_abbrev=False)
         sub.set_defaults(handler=handler)
         if name == chosen:  # import the server / bench stack only when it is used
             getattr(importlib.import_module(module), adder)(sub)

@@ -118,6 +118,11 @@ def test_a_missing_model_path_is_one_sentence(tmp_path: Path) -> None:
     assert "does not exist" in error and "nope" in error
 
 
+def test_an_unquoted_two_word_prompt_says_to_quote_it() -> None:
+    error = one_error_line(ktinject("run", "Hi", "there"))
+    assert "'Hi' is not an existing model path" in error and "quote the prompt" in error
+
+
 @pytest.mark.parametrize(
     "command, flag, value",
     [("run", "--top-p", "2"), ("run", "--temperature", "-1"), ("run", "--top-k", "-1")]
