@@ -131,7 +131,19 @@ def load_for(args: argparse.Namespace, model: str | None) -> Any:
         loaded = load(model, **model_kwargs(args))
     for where in loaded.report.unmatched:
         print(f"warning: {where} matched no module", file=sys.stderr)
+    if loaded.rules is None and rules_arg(args.rules) is not None:  # auto found no file
+        print(f"note: {unpatched(loaded.model.config.model_type)}", file=sys.stderr)
     return loaded
+
+
+def unpatched(model_type: str) -> str:
+    """What `--rules auto` means for a family without a shipped rule file."""
+    from ktinject.rules import builtin_rule_files
+
+    names = [p.stem for p in builtin_rule_files()]
+    close = difflib.get_close_matches(model_type.replace("_", "-"), names, n=1, cutoff=0.3)
+    hint = f"closest shipped file: {close[0]}.yaml" if close else f"shipped: {', '.join(names)}"
+    return f"No rule file applies to {model_type!r}; the model runs unpatched ({hint})."
 
 
 def build_engine(args: argparse.Namespace, loaded: Any, *, prompt_tokens: int | None = None) -> Any:
@@ -178,26 +190,18 @@ def status_line(stats: Any, cache: tuple[int, int | None] | None = None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if len(args.words) > 2:
+    model, prompt = model_and_prompt(args.words)
+    if args.raw and args.system:
         raise KtinjectError(
-            f"run takes [MODEL] PROMPT, got {len(args.words)} arguments; quote the prompt."
+            "--system goes into the chat template, which --raw skips; drop one of the two."
         )
-    first = args.words[0]
-    looks_like_path = "/" in first or os.sep in first or first.lower().endswith(".gguf")
-    if len(args.words) == 2 and not looks_like_path and not os.path.exists(first):
-        # `ktinject run Hi there`: a two-word prompt, not a model called "Hi"
-        raise KtinjectError(
-            f"run takes [MODEL] PROMPT, got 2 arguments and {first!r} is not an existing model "
-            f"path; quote the prompt."
-        )
-    model, prompt = (
-        (args.words[0], args.words[1]) if len(args.words) == 2 else (None, args.words[0])
-    )
     loaded = load_for(args, model)
     from ktinject.chat import chat_prompt_ids
 
     tokenizer = loaded.tokenizer
     if args.raw or not getattr(tokenizer, "chat_template", None):
+        if args.system:
+            print("note: the tokenizer has no chat template; --system is not used", file=sys.stderr)
         ids = tokenizer(prompt)["input_ids"]
     else:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -210,6 +214,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     print(status_line(generation.stats), file=sys.stderr)
     return 0
+
+
+def model_and_prompt(words: list[str]) -> tuple[str | None, str]:
+    """`run`'s [MODEL] PROMPT, refusing what is surely a mistake: an unquoted prompt of several
+    words, or a model path given without a prompt (it would be answered as the prompt)."""
+    first = words[0]
+    looks_like_path = "/" in first or os.sep in first or first.lower().endswith(".gguf")
+    if len(words) > 2 or (len(words) == 2 and not looks_like_path and not os.path.exists(first)):
+        # `ktinject run Hi there`: a prompt of several words, not a model called "Hi"
+        raise KtinjectError(
+            f"run takes [MODEL] PROMPT, got {len(words)} arguments; quote the prompt."
+        )
+    if len(words) == 1 and looks_like_path and os.path.exists(first):
+        raise KtinjectError(
+            f"run takes [MODEL] PROMPT and got only {first!r}, which is a model path; give the "
+            f"prompt after it."
+        )
+    return (words[0], words[1]) if len(words) == 2 else (None, words[0])
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -260,7 +282,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ktinject.loading import plan
-    from ktinject.rules import builtin_rule_files
 
     kwargs = model_kwargs(args)
     with warnings.catch_warnings():
@@ -282,10 +303,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for where in report.unmatched:
         console.print(f"[yellow]warning:[/] {where} matched no module")
     if planned.rules is None:
-        names = [p.stem for p in builtin_rule_files()]
-        close = difflib.get_close_matches(model_type.replace("_", "-"), names, n=1, cutoff=0.3)
-        hint = f"closest shipped file: {close[0]}.yaml" if close else f"shipped: {', '.join(names)}"
-        console.print(f"No rule file applies to {model_type!r}; the model runs unpatched ({hint}).")
+        console.print(unpatched(model_type))
     return 0
 
 

@@ -120,7 +120,17 @@ def test_a_missing_model_path_is_one_sentence(tmp_path: Path) -> None:
 
 def test_an_unquoted_two_word_prompt_says_to_quote_it() -> None:
     error = one_error_line(ktinject("run", "Hi", "there"))
-    assert "'Hi' is not an existing model path" in error and "quote the prompt" in error
+    assert "got 2 arguments; quote the prompt" in error
+
+
+def test_a_model_path_without_a_prompt_is_not_answered_as_one(tmp_path: Path) -> None:
+    error = one_error_line(ktinject("run", str(tmp_path)))
+    assert "which is a model path; give the prompt after it" in error
+
+
+def test_system_with_raw_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    error = one_error_line(ktinject("run", str(tmp_path / "nope"), "hi", "--raw", "--system", "x"))
+    assert "--system goes into the chat template, which --raw skips" in error
 
 
 @pytest.mark.parametrize(
@@ -150,3 +160,26 @@ def test_a_malformed_rule_file_names_file_and_line(tmp_path: Path) -> None:
 def test_a_prompt_longer_than_the_cache_is_one_sentence(smollm2) -> None:
     error = one_error_line(ktinject("run", "word " * 300, "--cache-lens", "64"))
     assert "64 positions" in error and "--cache-lens" in error
+
+
+def test_a_family_without_rules_runs_unpatched_within_its_window(tmp_path: Path) -> None:
+    """GPT-2 (learned positions, no shipped rule file): run says it runs unpatched, a cache past
+    its 64 positions is cut to them, and a request past them is one sentence (it was an
+    IndexError inside the forward)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    config = GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, vocab_size=256)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    words = Tokenizer(WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    words.pre_tokenizer = WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0").save_pretrained(tmp_path)
+    common = ("run", str(tmp_path), "t1 t2 t3", "--raw", "--cache-lens", "300")
+    result = ktinject(*common, "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert "No rule file applies to 'gpt2'; the model runs unpatched" in result.stderr
+    assert "--cache-lens 300 is past the model's context window" in result.stderr
+    error = one_error_line(ktinject(*common, "--max-new-tokens", "100"))
+    assert "the model's context window is 64 positions" in error
