@@ -235,12 +235,18 @@ def model_and_prompt(words: list[str]) -> tuple[str | None, str]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.cache_lens is not None and args.max_new_tokens >= args.cache_lens:
+        raise KtinjectError(  # every turn would be refused
+            f"--max-new-tokens {args.max_new_tokens:,} leaves no room for a message in "
+            f"--cache-lens {args.cache_lens:,}; lower --max-new-tokens or raise --cache-lens."
+        )
     loaded = load_for(args, args.model)
     from ktinject.chat import MULTILINE, ChatSession, read_message
     from ktinject.errors import ContextLengthError
 
-    session = ChatSession(build_engine(args, loaded), sampling_params(args), system=args.system)
-    mode = f"cache {args.cache_lens:,} positions" if args.cache_lens else "local mode"
+    engine = build_engine(args, loaded)
+    session = ChatSession(engine, sampling_params(args), system=args.system)
+    mode = f"cache {engine.cache_lens:,} positions" if args.cache_lens else "local mode"
     commands = (
         f"/reset to start over, /exit to quit, {MULTILINE} to begin and end a message of several "
         "lines"

@@ -128,6 +128,11 @@ def test_a_model_path_without_a_prompt_is_not_answered_as_one(tmp_path: Path) ->
     assert "which is a model path; give the prompt after it" in error
 
 
+def test_a_chat_cache_with_no_room_for_a_message_is_refused_at_start(tmp_path: Path) -> None:
+    error = one_error_line(ktinject("chat", str(tmp_path / "nope"), "--cache-lens", "40"))
+    assert "--max-new-tokens 256 leaves no room for a message in --cache-lens 40" in error
+
+
 def test_system_with_raw_is_refused_before_the_model_loads(tmp_path: Path) -> None:
     error = one_error_line(ktinject("run", str(tmp_path / "nope"), "hi", "--raw", "--system", "x"))
     assert "--system goes into the chat template, which --raw skips" in error
