@@ -143,8 +143,6 @@ class Engine:
         self.specs = {
             m.layer_idx: m.cache_spec() for m in model.modules() if hasattr(m, "cache_spec")
         }
-        if cache_lens is not None:  # before the slots' bookkeeping below
-            self._check_memory(cache_lens)
         decode_linears(model)  # CPU float32 projections decode through the C dot kernels
         self.graph_blocked_by = graph_blocker(model)  # why decode is not captured, if it is not
         self.graph_requested = cuda_graph
@@ -152,8 +150,6 @@ class Engine:
             cuda_graph and self.device.type == "cuda" and self.static and not self.graph_blocked_by
         )
         self.cache: StaticKVCache | None = None
-        self.dynamic: list[Any] = [None] * num_slots
-        self.dynamic_tokens: list[list[int]] = [[] for _ in range(num_slots)]
         self.graphs: dict[int, _DecodeGraph] = {}
         self.prefill_graphs: dict[int, _DecodeGraph] = {}  # rows -> plain decode graph
         self.prefill_graphs_allowed = not any(
@@ -175,12 +171,14 @@ class Engine:
             if self.compile_blocked_by is None:
                 self.compiled = CompiledDecode(self)
         self.eos_ids = _eos_ids(model, tokenizer)
+        if cache_lens is not None and self.specs:
+            self._allocate(cache_lens)  # checks the memory first: before the slots' bookkeeping
+        self.dynamic: list[Any] = [None] * num_slots
+        self.dynamic_tokens: list[list[int]] = [[] for _ in range(num_slots)]
         # where decode_sampled reads sampled ids back: pinned, so the copy does not block
         on_gpu = self.device.type == "cuda"
         self.readback = torch.zeros(num_slots, dtype=torch.long, pin_memory=on_gpu)
         self.readback_done = torch.cuda.Event() if on_gpu else None
-        if cache_lens is not None and self.specs:
-            self._allocate(cache_lens)
 
     @property
     def static(self) -> bool:
