@@ -46,10 +46,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16",
     )
-    parser.add_argument("--strict", action="store_true", help="fail when a rule matches no module")
+    add_rule_check_arguments(parser)
+
+
+def add_rule_check_arguments(parser: argparse.ArgumentParser, default: bool | None = False) -> None:
+    """`--strict` and `--allow-external-operators` (`serve` too: its default None leaves a
+    --config file's value in force when the flag is not given)."""
+    parser.add_argument(
+        "--strict", action="store_true", default=default, help="fail when a rule matches no module"
+    )
     parser.add_argument(
         "--allow-external-operators",
         action="store_true",
+        default=default,
         help="let replace.class import from packages other than operators/ktinject/torch.nn/"
         "transformers",
     )

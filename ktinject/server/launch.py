@@ -47,6 +47,8 @@ class ServeOptions:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Every flag is None when not given (store_true flags too), so a --config file can fill
     it; the real defaults are those of `ServeOptions`, shown in the help."""
+    from ktinject.cli import add_rule_check_arguments
+
     d = ServeOptions()
     parser.add_argument(
         "model",
@@ -71,16 +73,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if any)")
     parser.add_argument("--dtype", help=f"auto, float32, bfloat16 ({d.dtype})")
-    parser.add_argument(
-        "--strict", action="store_true", default=None, help="fail when a rule matches no module"
-    )
-    parser.add_argument(
-        "--allow-external-operators",
-        action="store_true",
-        default=None,
-        help="let replace.class import from packages other than operators/ktinject/torch.nn/"
-        "transformers",
-    )
+    add_rule_check_arguments(parser, default=None)
     parser.add_argument(
         "--cache-lens",
         type=int,
