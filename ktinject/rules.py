@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ktinject.devices import check_device
 from ktinject.errors import RuleError
+from ktinject.yaml_files import read_text, yaml_problem
 
 ALLOWED_OPERATOR_PREFIXES = ("operators.", "ktinject.", "torch.nn.", "transformers.")
 TOP_KEYS = ("extends", "vars", "rules")
@@ -225,22 +226,13 @@ def _read_chain(
     if resolved in seen:
         chain = " -> ".join(p.name for p in [*seen, resolved])
         raise RuleError(f"{path}: 'extends' forms a cycle ({chain}); remove one of the extends.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RuleError(f"Rule file {str(path)!r} cannot be read: {exc.strerror}.") from None
-    except UnicodeDecodeError as exc:
-        raise RuleError(
-            f"Rule file {str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
-            f"offset {exc.start}); save it as UTF-8 YAML."
-        ) from None
+    text = read_text(path, f"Rule file {str(path)!r}", RuleError)
     try:
         document = yaml.load(text, Loader=RuleLoader)
         lines = _rule_lines(yaml.compose(text, Loader=RuleLoader))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where, problem = yaml_problem(exc, text)
+        at = f":{where[0]}:{where[1]}" if where else ""
         raise RuleError(f"{path}{at}: malformed YAML ({problem}); fix the file there.") from None
     _collect(document, str(path), lines, raw_rules, variables, sources, seen=[*seen, resolved])
 

@@ -154,26 +154,14 @@ def _read_config(path: str) -> tuple[ServeOptions, set[str]]:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise KtinjectError(f"--config {path}: {exc.strerror}.") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise KtinjectError(
-            f"--config {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
-            f"{exc.start}); save the file as UTF-8."
-        ) from None
+    from ktinject.yaml_files import read_text, yaml_problem
+
+    text = read_text(Path(path), f"--config {path}")
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(io.StringIO(text)))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        opened = getattr(exc, "context_mark", None)
-        if mark is not None and opened is not None and mark.index >= len(text.rstrip()):
-            mark, problem = opened, f"{exc.context}: {problem}"  # never closed: say where it opens
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        where, problem = yaml_problem(exc, text)
+        at = f" line {where[0]}, column {where[1]}" if where else ""
         raise KtinjectError(
             f"--config {path}{at}: malformed YAML ({problem}); fix the file there."
         ) from None
@@ -183,9 +171,10 @@ def _read_config(path: str) -> tuple[ServeOptions, set[str]]:
         raise KtinjectError(f"--config {path}: expected a mapping of settings (KEY: VALUE lines).")
     names = [f.name for f in fields(ServeOptions)]
     kinds = {f.name: _KINDS.get(str(f.type), "a string") for f in fields(ServeOptions)}
-    merged = OmegaConf.structured(ServeOptions)
+    merged, given = OmegaConf.structured(ServeOptions), set()
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
+        given.add(name)
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
             hint = f" (closest: {close[0]})" if close else ""
@@ -207,7 +196,7 @@ def _read_config(path: str) -> tuple[ServeOptions, set[str]]:
         raise KtinjectError(
             f"--config {path}: {exc.full_key} cannot be resolved ({problem}); fix the file there."
         ) from None
-    return options, {str(key).replace("-", "_") for key in loaded}
+    return options, given
 
 
 def _check(options: ServeOptions, from_file: set[str], config: str | None) -> None:
