@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import importlib
 import os
 import sys
@@ -340,26 +341,26 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         description="Run Hugging Face causal LMs with injected fast operators.",
         allow_abbrev=False,  # here and in each subcommand: a partial flag is an error, not a guess
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser(
-        "run", help="generate a completion for one prompt", allow_abbrev=False
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False),
     )
+
+    run = commands.add_parser("run", help="generate a completion for one prompt")
     run.add_argument("words", nargs="+", metavar="[MODEL] PROMPT")
     run.add_argument("--raw", action="store_true", help="do not apply the chat template")
     add_model_arguments(run)
     add_generation_arguments(run)
     run.set_defaults(handler=cmd_run)
 
-    chat = commands.add_parser("chat", help="interactive chat in the terminal", allow_abbrev=False)
+    chat = commands.add_parser("chat", help="interactive chat in the terminal")
     chat.add_argument("model", nargs="?", default=None)
     add_model_arguments(chat)
     add_generation_arguments(chat)
     chat.set_defaults(handler=cmd_chat)
 
-    inspect = commands.add_parser(
-        "inspect", help="show which module each rule replaces", allow_abbrev=False
-    )
+    inspect = commands.add_parser("inspect", help="show which module each rule replaces")
     inspect.add_argument("model", nargs="?", default=None)
     add_model_arguments(inspect)
     inspect.set_defaults(handler=cmd_inspect)
@@ -368,7 +369,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         (a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None
     )
     for name, help_text, module, adder, handler in LAZY_COMMANDS:
-        sub = commands.add_parser(name, help=help_text, allow_abbrev=False)
+        sub = commands.add_parser(name, help=help_text)
         sub.set_defaults(handler=handler)
         if name == chosen:  # import the server / bench stack only when it is used
             getattr(importlib.import_module(module), adder)(sub)
