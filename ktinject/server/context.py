@@ -20,13 +20,15 @@ fields but not the server's `--cache-lens`.
 
 from __future__ import annotations
 
+from ktinject.engine import Engine
+from ktinject.errors import ContextLengthError
 from ktinject.server.errors import RequestError
 
 CODE = "context_length_exceeded"
 
 
 def max_new_tokens_for(
-    cache_lens: int,
+    engine: Engine,
     prompt_tokens: int,
     requested: int | None,
     *,
@@ -35,20 +37,24 @@ def max_new_tokens_for(
     prompt_param: str,
     tokens_param: str,
 ) -> int:
-    """How many tokens this request may generate; raises `RequestError` as the module docstring
-    says, blaming `prompt_param` or `tokens_param` (the field the request used)."""
-    if prompt_tokens >= cache_lens:
-        raise prompt_too_long(f"{prompt_tokens:,}", cache_lens, prompt_param)
-    room = cache_lens - prompt_tokens
-    if strict and requested is not None and requested > room:
+    """How many tokens this request may generate. The engine's own check decides what fits;
+    its refusal is told to the caller as the module docstring says, blaming `prompt_param` or
+    `tokens_param` (the field the request used)."""
+    try:
+        engine.check_request(prompt_tokens, requested if strict and requested else 1)
+    except ContextLengthError as exc:
+        if exc.prompt_tokens >= exc.cache_lens:
+            raise prompt_too_long(f"{prompt_tokens:,}", exc.cache_lens, prompt_param) from None
+        room = exc.cache_lens - prompt_tokens
         raise RequestError(
             f"The prompt has {prompt_tokens:,} tokens and {tokens_param} is {requested:,}, "
-            f"{prompt_tokens + requested:,} in all, but this server holds {cache_lens:,} tokens "
-            f"per conversation (its --cache-lens); set {tokens_param} to at most {room:,}.",
+            f"{prompt_tokens + requested:,} in all, but this server holds {exc.cache_lens:,} "
+            f"tokens per conversation (its --cache-lens); set {tokens_param} to at most "
+            f"{room:,}.",
             param=tokens_param,
             code=CODE,
-        )
-    return min(default if requested is None else requested, room)
+        ) from None
+    return min(default if requested is None else requested, engine.cache_lens - prompt_tokens)
 
 
 def prompt_too_long(tokens: str, cache_lens: int, param: str) -> RequestError:

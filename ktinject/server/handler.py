@@ -168,7 +168,7 @@ class Handler:
                 "The prompt is empty; give at least one token.", param=fmt.prompt_param
             )
         max_new_tokens = max_new_tokens_for(
-            self.engine.cache_lens,
+            self.engine,
             len(ids),
             body.requested_max_tokens,
             default=self.config.max_new_tokens,
