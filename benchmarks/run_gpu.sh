@@ -16,6 +16,8 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/run_gpu.log") 2>&1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the CPU kernels' C++ torch operators save CPU decode time only; not worth ~15 s of device time
+export KTINJECT_NATIVE=${KTINJECT_NATIVE:-ctypes}
 
 STARTED=$SECONDS
 STATUS=()

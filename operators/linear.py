@@ -174,9 +174,12 @@ def kernel(fn: Callable[..., torch.Tensor], shape: tuple[Any, ...]) -> Callable[
 
 
 def eager_or_op(function: Callable[..., Any], op: Callable[..., Any]) -> Callable[..., Any]:
-    """A C kernel's torch `op` inside a graph being compiled (no graph break), the ctypes
-    `function` itself otherwise: the op's dispatch costs ~5 us a call (`operators.native.ops`)."""
-    return op if torch.compiler.is_compiling() else function
+    """A C kernel's torch `op` inside a graph being compiled (no graph break) and wherever the
+    op's CPU kernel is C++; the ctypes `function` itself where the op would only add its
+    dispatch (~5 us a call) in front of that function (`operators.native.ops`)."""
+    if torch.compiler.is_compiling() or native_ops.kernels == "C++":
+        return op
+    return function
 
 
 @torch.compiler.assume_constant_result

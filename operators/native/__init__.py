@@ -28,9 +28,15 @@ for one row (float32 at ~20 GB/s, the memory's rate).
 for all the query heads that share them, where torch had to gather a masked copy of them first
 (`operators.attention.native_attention_fits` has its numbers).
 
+The kernels reach torch as operators (`ops`, so compiled graphs call them without a break)
+whose CPU kernels are C++ (`torch_ops.cpp`, built with `library()` against torch's headers,
+~20 s the first time on a 2-core CPU): through ctypes a call cost ~20 us more, and a decode step
+makes ~150 calls. Without a C++ compiler the operators call this module's functions.
+
 Where no compiler (or no OpenMP) is available, `library()` warns once and returns None, and the
 callers keep their torch path: same results, slower. `KTINJECT_NATIVE=0` chooses that path on
-purpose (for A/B runs).
+purpose (for A/B runs), `KTINJECT_NATIVE=ctypes` the C kernels without their C++ torch
+operators (`ops`).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = (HERE / "block_matmul.c", HERE / "decode_attention.c")
 HEADERS = (HERE / "vectors.h",)
+TORCH_OPS = HERE / "torch_ops.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BITS = {torch.uint8: 4, torch.int8: 8}  # packed dtype -> format (Q4_1, Q8_0)
 
@@ -68,27 +75,47 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def _build(compiler: str) -> Path:
-    """The shared library for these sources, compiler and CPU, compiled unless already cached."""
+def _build(name: str, command: list[str], inputs: list[bytes]) -> Path:
+    """`cache_root()/native/<name>-<key>.so`, built by `command` + `-o <file>` unless a library
+    of these `inputs` (sources, compiler, flags, CPU, ...) is already cached."""
     from ktinject.loading import cache_root
 
-    texts = [path.read_bytes() for path in (*SOURCES, *HEADERS)]
-    key = hashlib.sha256(b"\0".join([*texts, compiler.encode(), " ".join(FLAGS).encode()]))
-    key.update(_cpu_identity().encode())
-    target = cache_root() / "native" / f"kernels-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"\0".join([*inputs, " ".join(command).encode()]))
+    target = cache_root() / "native" / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
+        subprocess.run([*command, "-o", str(built)], check=True, capture_output=True, text=True)
         os.replace(built, target)  # atomic: a concurrent build leaves one whole file
     return target
+
+
+def _build_kernels(compiler: str) -> Path:
+    """The C kernels for this compiler and CPU."""
+    texts = [path.read_bytes() for path in (*SOURCES, *HEADERS)]
+    command = [compiler, *FLAGS, *map(str, SOURCES), "-lm"]
+    return _build("kernels", command, [*texts, _cpu_identity().encode()])
+
+
+def _build_torch_ops(kernels: Path) -> Path:
+    """`torch_ops.cpp` (the kernels' torch operators in C++) for this torch, linked to
+    `kernels`. Raises where there is no C++ compiler or torch ships no headers."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise FileNotFoundError("no C++ compiler (c++, g++ or $CXX) on PATH")
+    root = Path(torch.__file__).parent
+    if not (root / "include" / "torch" / "library.h").exists():
+        raise FileNotFoundError(f"torch has no C++ headers under {root / 'include'}")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    command = [
+        *[compiler, "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"],
+        *[f"-I{root / 'include'}", str(TORCH_OPS), str(kernels)],
+        *[f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{kernels.parent}"],
+    ]
+    inputs = [TORCH_OPS.read_bytes(), torch.__version__.encode(), str(root).encode()]
+    return _build("torch-ops", command, inputs)
 
 
 @functools.cache
@@ -100,7 +127,8 @@ def library() -> ctypes.CDLL | None:
     try:
         if compiler is None:
             raise FileNotFoundError("no C compiler (cc, gcc or $CC) on PATH")
-        lib = ctypes.CDLL(str(_build(compiler)))
+        path = _build_kernels(compiler)
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", None) or str(exc)
         log.warning(
@@ -127,12 +155,36 @@ def library() -> ctypes.CDLL | None:
         *[pointer, size, size, size, pointer, pointer, size, size, size, pointer, pointer],
         *[ctypes.c_float, pointer, flag],
     ]
+    _give_ops_kernels(path)
     return lib
+
+
+def _give_ops_kernels(kernels: Path) -> None:
+    """Give the torch operators of `ops` their CPU kernels, once: the C++ ones of
+    `torch_ops.cpp` linked to `kernels`, or, where those cannot be built (no C++ compiler, no
+    torch headers), this module's Python functions: same results, ~20 us more a call."""
+    from operators.native import ops
+
+    if ops.kernels is not None:
+        return
+    try:
+        if os.environ.get("KTINJECT_NATIVE", "").strip() == "ctypes":
+            raise RuntimeError("KTINJECT_NATIVE=ctypes")
+        torch.ops.load_library(str(_build_torch_ops(kernels)))
+        ops.kernels = "C++"
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        detail = (getattr(exc, "stderr", None) or str(exc)).strip()
+        log.info(
+            "C++ torch operators not built (%s); the C kernels are called from Python",
+            detail.splitlines()[-1][:200] if detail else type(exc).__name__,
+        )
+        ops.register_python_kernels()
 
 
 def build_for(device: torch.device | str | None) -> None:
     """Build the kernels now when an operator's weights are on a CPU (called as they are
-    built or loaded), so the first forward of a generation does not pay the ~0.3 s."""
+    built or loaded), so the first forward of a generation does not pay for it (~0.3 s, and
+    the first time on a machine ~20 s for the C++ operators)."""
     if device is not None and torch.device(device).type == "cpu":
         library()
 

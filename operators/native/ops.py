@@ -1,10 +1,12 @@
 """The C kernels as torch operators, so a compiled decode step calls them without a graph break.
 
-Registered with `torch.library.Library` rather than `torch.library.custom_op`: each call of a
-`custom_op` went through ~12 us of Python dispatch on a 2-core AVX2 EPYC (2026-11-29), a direct
-registration ~5 us, and a compiled SmolLM2 step makes ~150 of these calls. The "Meta" kernels
-give output shapes to the compiler; the kernels run under inference mode only, so there is no
-autograd formula.
+The schemas and "Meta" kernels (output shapes for the compiler) are defined here; the CPU
+kernels are given once the C library is built (`operators.native.library()`, which every caller
+checks first): those of `torch_ops.cpp`, compiled against torch's headers, or where that cannot
+be built this package's Python functions. A call of a Python kernel cost ~25 us on a 2-core
+AVX2 EPYC (2026-11-29; ~12 us more through `torch.library.custom_op`), of a C++ one ~8 us,
+and a SmolLM2 decode step makes ~150 of them. The kernels run under inference mode only, so
+there is no autograd formula.
 """
 
 from __future__ import annotations
@@ -20,9 +22,6 @@ _LIBRARY.define(
     "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor seq_lens, "
     "float scale) -> Tensor"
 )
-_LIBRARY.impl("block_matmul", native.block_matmul, "CPU")
-_LIBRARY.impl("dense_matmul", native.dense_matmul, "CPU")
-_LIBRARY.impl("decode_attention", native.decode_attention, "CPU")
 _LIBRARY.impl(
     "block_matmul", lambda x, packed, scales, mins: x.new_empty(x.shape[0], packed.shape[0]), "Meta"
 )
@@ -32,3 +31,13 @@ _LIBRARY.impl("decode_attention", lambda q, *_: torch.empty_like(q), "Meta")
 block_matmul = torch.ops.ktinject.block_matmul.default
 dense_matmul = torch.ops.ktinject.dense_matmul.default
 decode_attention = torch.ops.ktinject.decode_attention.default
+
+kernels: str | None = None  # which CPU kernels the operators have: "C++", "Python", or none yet
+
+
+def register_python_kernels() -> None:
+    """The operators' CPU kernels as this package's Python functions (no C++ build)."""
+    global kernels
+    for name in ("block_matmul", "dense_matmul", "decode_attention"):
+        _LIBRARY.impl(name, getattr(native, name), "CPU")
+    kernels = "Python"
