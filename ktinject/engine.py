@@ -27,11 +27,13 @@ replays a decode graph too, one row per token (`Engine._prefill_rows`).
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,8 +48,9 @@ from ktinject.compiling import own_copy
 from ktinject.completion import Completion
 from ktinject.devices import host_ints_to
 from ktinject.errors import ContextLengthError, KtinjectError
+from ktinject.inject import is_meta
 from ktinject.placement import model_devices
-from ktinject.settings import SamplingParams, check_cache_settings
+from ktinject.settings import SamplingParams, check_cache_settings, integer
 from operators.layer import FusedResidualDecoderLayer
 from operators.linear import decode_linears
 from operators.triton.gemv import MAX_ROWS, fused_gemv_pinned, prefer_fused_gemv
@@ -122,7 +125,11 @@ class Engine:
         cuda_graph: bool = True,
         compile: bool = False,  # noqa: A002 - the CLI's --compile
     ) -> None:
+        check_engine_arguments(model, tokenizer, cuda_graph=cuda_graph, compile=compile)
         check_cache_settings(cache_lens, chunk_size)
+        num_slots = integer("num_slots", num_slots)
+        if num_slots < 1:
+            raise KtinjectError(f"num_slots is {num_slots}; it must be at least 1.")
         self.model = model
         self.tokenizer = tokenizer
         self.num_slots = num_slots
@@ -197,12 +204,51 @@ class Engine:
         return self.cache.cache_lens if self.cache is not None else None
 
     def cached_length(self, slot: int) -> int:
+        slot = self.check_slot(slot)
         if self.cache is not None:
             return self.cache.lengths[slot]
         return len(self.dynamic_tokens[slot])
 
     def cached_tokens(self, slot: int) -> list[int]:
+        slot = self.check_slot(slot)
         return self.cache.tokens[slot] if self.cache is not None else self.dynamic_tokens[slot]
+
+    def check_slot(self, slot: Any) -> int:
+        """`slot` as an int, or one sentence: a negative slot would wrap around to another
+        sequence's cache, a float or one past the end fail inside the bookkeeping."""
+        if (
+            isinstance(slot, bool)
+            or not isinstance(slot, numbers.Integral)
+            or not 0 <= slot < self.num_slots
+        ):
+            raise KtinjectError(
+                f"slot {slot!r} is not a slot of this engine, whose {self.num_slots} slot(s) are "
+                f"0 to {self.num_slots - 1}; give one of those, or build the engine with more "
+                "(Engine(num_slots=...))."
+            )
+        return int(slot)
+
+    def check_step(self, slots: Any, count: int) -> list[int]:
+        """The slots of one decode step, fed `count` tokens, checked before anything changes:
+        each slot once (a slot given twice would write both tokens at the same position), one
+        token per slot."""
+        if not isinstance(slots, list | tuple) or not slots:
+            raise KtinjectError(
+                f"slots is {slots!r}; a decode step takes a non-empty list of slots, e.g. [0]."
+            )
+        checked = [self.check_slot(s) for s in slots]
+        if len(set(checked)) < len(checked):
+            twice = next(s for s in checked if checked.count(s) > 1)
+            raise KtinjectError(
+                f"slot {twice} appears more than once in one decode step; give each slot once "
+                "(one token per slot per step)."
+            )
+        if len(checked) != count:
+            raise KtinjectError(
+                f"A decode step got {len(checked)} slot(s) and {count} token id(s); give one "
+                "token id per slot."
+            )
+        return checked
 
     def _allocate(self, cache_lens: int) -> None:
         """(Re)allocate the static cache; a larger one keeps what the old one held. Always as
@@ -274,12 +320,11 @@ class Engine:
     ) -> tuple[torch.Tensor, int]:
         """Make `slot` hold `token_ids`; return the logits after the last one [V] and how many
         leading tokens were reused from the slot's cache (at least one token is recomputed)."""
-        if not token_ids:
-            raise KtinjectError("The prompt is empty; give at least one token.")
+        slot = self.check_slot(slot)
+        token_ids = self.check_token_ids(token_ids)
         self.reserve(len(token_ids), 1)
         cached = self.shared_prefix(slot, token_ids) if reuse else 0
         cached = min(cached, len(token_ids) - 1)
-        self.check_token_ids(token_ids[cached:])
         self._truncate(slot, cached)
         logits = None
         for start in range(cached, len(token_ids), self.chunk_size):
@@ -290,8 +335,11 @@ class Engine:
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
         """Feed one token per slot at its next position; return logits [B, V]."""
-        self.check_token_ids(token_ids)
+        token_ids = self.check_token_ids(token_ids)
+        slots = self.check_step(slots, len(token_ids))
         if not self.static:
+            # the context window, which `_decode_static` checks through `reserve`
+            self.check_request(max(map(self.cached_length, slots)), 1)
             return torch.cat(
                 [
                     self._forward_chunk(s, self.cached_length(s), [t])[None]
@@ -314,6 +362,7 @@ class Engine:
         checks, launching the next step) overlaps the device's step instead of alternating with
         it. The price is one step computed for a token that ends a generation; its K/V is as
         valid as any other and stays cached, so the next turn of a conversation reuses it."""
+        slots = self.check_step(slots, len(sampled))
         batch = len(slots)
         readback = self.readback[:batch]
         readback.copy_(sampled, non_blocking=True)  # ordered before the step on the stream
@@ -350,9 +399,13 @@ class Engine:
         for s, t in zip(slots, token_ids, strict=True):
             self.cache.tokens[s].append(t)
 
-    def check_token_ids(self, token_ids: list[int]) -> None:
-        """Ids outside the embedding would fail inside it: an IndexError on a CPU, on a GPU a
-        device-side assert that leaves the CUDA context unusable (a server could not go on)."""
+    def check_token_ids(self, token_ids: Any, what: str = "token_ids") -> list[int]:
+        """`token_ids` (see `token_list`) as a list of ints, or one sentence. Ids outside the
+        embedding would fail inside it: an IndexError on a CPU, on a GPU a device-side assert
+        that leaves the CUDA context unusable (a server could not go on)."""
+        token_ids = token_list(token_ids, what)
+        if not token_ids:
+            raise KtinjectError(f"{what} is empty; give at least one token id.")
         vocab = self.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             bad = next(t for t in token_ids if not 0 <= t < vocab)
@@ -360,9 +413,10 @@ class Engine:
                 f"Token id {bad} is outside the model's vocabulary [0, {vocab}); give ids of "
                 "this model's tokenizer."
             )
+        return token_ids
 
     def reset(self, slot: int) -> None:
-        self._truncate(slot, 0)
+        self._truncate(self.check_slot(slot), 0)
 
     def warm_up(self) -> None:
         """Compile and capture before the first request, then empty every slot. Triton specialises
@@ -395,8 +449,16 @@ class Engine:
         slot: int = 0,
         reuse: bool = False,
     ) -> Generation:
-        """Stream the completion of `prompt_ids`. The context check happens here, before any
-        compute, so a `ContextLengthError` is raised by this call, not by iteration."""
+        """Stream the completion of `prompt_ids`. The arguments and the context are checked
+        here, before any compute, so a `KtinjectError` (e.g. `ContextLengthError`) is raised by
+        this call, not by iteration."""
+        if not isinstance(params, SamplingParams):
+            raise KtinjectError(
+                f"params is {shown(params)}; pass SamplingParams(...), e.g. "
+                "SamplingParams(max_new_tokens=64)."
+            )
+        prompt_ids = self.check_token_ids(prompt_ids, "prompt_ids")
+        slot = self.check_slot(slot)
         self.reserve(len(prompt_ids), params.max_new_tokens)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         generation = Generation(pieces=iter(()), stats=stats)
@@ -863,6 +925,69 @@ def graph_blocker(model: nn.Module) -> str | None:
         listed = ", ".join(sorted(map(str, devices)))
         return f"the rules place its modules on {listed}, and a graph captures one device's work"
     return None
+
+
+def check_engine_arguments(model: Any, tokenizer: Any, **switches: Any) -> None:
+    """What `Engine` needs before it touches the model, in one sentence each: a module with an
+    input embedding and real weights (on meta, its first read fails deep inside), a tokenizer or
+    None (a number there meant `cache_lens`), and True/False switches ("no" would be true)."""
+    if not isinstance(model, nn.Module) or not callable(
+        getattr(model, "get_input_embeddings", None)
+    ):
+        raise KtinjectError(
+            f"model is {shown(model)}; Engine takes a loaded causal LM, e.g. "
+            "ktinject.loading.load(...).model or a transformers AutoModelForCausalLM."
+        )
+    if is_meta(model):
+        raise KtinjectError(
+            "The model's weights are still on the meta device (shapes only, as "
+            "ktinject.loading.plan or a rule with device 'meta' leaves them); load them first, "
+            "e.g. with ktinject.loading.load(...)."
+        )
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise KtinjectError(
+            f"tokenizer is {shown(tokenizer)}; give the model's tokenizer or None, and the "
+            "other settings by keyword (e.g. cache_lens=64)."
+        )
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise KtinjectError(f"{name} is {value!r}; it must be True or False.")
+
+
+def shown(value: Any) -> str:
+    """`value` for a one-line message: its repr when short and on one line, and its type."""
+    text = repr(value)
+    if "\n" in text or len(text) > 60:
+        return f"a {type(value).__name__}"
+    return f"{text} ({type(value).__name__})"
+
+
+def token_list(token_ids: Any, what: str) -> list[int]:
+    """Token ids as a list of ints: from a list or tuple of ints (numpy integers too), or from an
+    integer tensor / array of one sequence, [T] or [1, T] (what `tokenizer(text,
+    return_tensors="pt").input_ids` gives). Anything else is one sentence: floats would be
+    truncated, text and nested lists fail inside the model."""
+    if isinstance(token_ids, np.ndarray) and np.issubdtype(token_ids.dtype, np.integer):
+        token_ids = torch.from_numpy(token_ids)
+    if isinstance(token_ids, torch.Tensor):
+        integral = not (token_ids.is_floating_point() or token_ids.is_complex())
+        one_row = token_ids.dim() <= 1 or (token_ids.dim() == 2 and token_ids.shape[0] == 1)
+        if integral and token_ids.dtype != torch.bool and one_row:
+            return token_ids.reshape(-1).tolist()
+        raise KtinjectError(
+            f"{what} is a {token_ids.dtype} tensor of shape {list(token_ids.shape)}; it must "
+            "hold the integer token ids of one sequence, shape [T] or [1, T]."
+        )
+    if isinstance(token_ids, list | tuple):
+        kinds = set(map(type, token_ids))  # in C: a long prompt costs ~20 ns per id
+        if kinds <= {int}:
+            return list(token_ids)
+        if all(issubclass(kind, np.integer) or kind is int for kind in kinds):
+            return [int(t) for t in token_ids]
+    raise KtinjectError(
+        f"{what} is {shown(token_ids)}; it must be a list of token ids (ints); tokenize text "
+        "first, e.g. tokenizer(text)['input_ids']."
+    )
 
 
 def decode_ids(token_ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -19,7 +19,9 @@ from torch import nn
 
 from ktinject.errors import KtinjectError, RuleError, UnmatchedRuleError
 from ktinject.placement import align_devices, module_device
-from ktinject.rules import Rule, RuleSet, load_rules
+from ktinject.rules import Rule, RuleSet, load_rules, rules_for
+
+OPTIMIZED = "_ktinject_rules"  # set on a model optimize replaced modules of: its rule sources
 
 
 class UnmatchedRuleWarning(UserWarning):
@@ -61,14 +63,32 @@ def optimize(
 ) -> tuple[nn.Module, InjectionReport]:
     """Replace the modules of `model` that `rules` match, in place, and report what happened.
 
-    `rules` is a rule file path or shipped name (`"llama"`), an in-memory rule document, a
-    `RuleSet` or None. Keyword `overrides` set the rule file's `vars:` (e.g. `gpu="cuda:1"`).
-    Per module the first matching rule wins; rules that match nothing are reported, and raise
-    `UnmatchedRuleError` when `strict` is set.
+    `rules` is a rule file path or shipped name (`"llama"`), `"auto"` (the shipped file for the
+    model's `config.model_type`, as `ktinject.loading.load` picks it; none: no rules), an
+    in-memory rule document, a `RuleSet` or None. Keyword `overrides` set the rule file's
+    `vars:` (e.g. `gpu="cuda:1"`). Per module the first matching rule wins; rules that match
+    nothing are reported, and raise `UnmatchedRuleError` when `strict` is set. A model is
+    optimized once: its replaced modules no longer match the rules written for the originals.
     """
-    rule_set = load_rules(rules, overrides, allow_external_operators=allow_external_operators)
-    report = InjectionReport(notes=list(rule_set.notes), sources=list(rule_set.sources))
+    if not isinstance(model, nn.Module):
+        raise RuleError(f"model is a {type(model).__name__}; optimize takes a torch nn.Module.")
     config = getattr(model, "config", None)
+    if isinstance(rules, str) and rules == "auto":
+        model_type = getattr(config, "model_type", None)
+        if model_type is None:
+            raise RuleError(
+                "rules='auto' picks the shipped rule file for model.config.model_type, which "
+                "this model lacks; give a rule file or None."
+            )
+        rules = rules_for(model_type)
+    rule_set = load_rules(rules, overrides, allow_external_operators=allow_external_operators)
+    if rule_set.rules and getattr(model, OPTIMIZED, None):
+        raise RuleError(
+            f"The model was already optimized (with {', '.join(getattr(model, OPTIMIZED))}), "
+            "so its modules are operators now; apply all rules in one optimize call (a rule "
+            "file can extend another) to a freshly loaded model."
+        )
+    report = InjectionReport(notes=list(rule_set.notes), sources=list(rule_set.sources))
     used: set[int] = set()
     _visit(model, "", rule_set.rules, config, report, used)
     unmatched = [rule for i, rule in enumerate(rule_set.rules) if i not in used]
@@ -83,6 +103,8 @@ def optimize(
         warnings.warn(
             f"Rules that matched no module: {listed}.", UnmatchedRuleWarning, stacklevel=2
         )
+    if report.replacements:
+        setattr(model, OPTIMIZED, report.sources)
     _align(model, report)
     return model, report
 
@@ -153,7 +175,14 @@ def _visit(
 
 
 def _build(rule: Rule, module: nn.Module, name: str, config: Any) -> nn.Module:
-    """Construct the rule's operator from `module` and move it to the rule's device."""
+    """Construct the rule's operator from `module` and move it to the rule's device. 'meta'
+    only suits a model built on meta (`ktinject.loading.plan`): loaded weights moved there are
+    gone."""
+    if rule.device is not None and rule.device.type == "meta" and not is_meta(module):
+        raise RuleError(
+            f"{rule.where}: device 'meta' would drop the loaded weights of {name} (meta holds "
+            "shapes only); use 'cpu', 'cuda' or 'cuda:N' (replace.device)."
+        )
     target = rule.device or module_device(module)
     if rule.operator is None:
         new = module

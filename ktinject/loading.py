@@ -34,7 +34,7 @@ from torch import nn  # noqa: E402
 from ktinject.devices import flag_device  # noqa: E402
 from ktinject.errors import ModelSourceError  # noqa: E402
 from ktinject.inject import InjectionReport, optimize, place  # noqa: E402
-from ktinject.rules import builtin_rules_dir  # noqa: E402
+from ktinject.rules import rules_for  # noqa: E402
 from ktinject.sources import ModelSource, resolve_source  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,15 +125,6 @@ def _drop_quantization_config(config_file: Path) -> None:
     config = json.loads(config_file.read_text())
     config.pop("quantization_config", None)
     config_file.write_text(json.dumps(config, indent=2))
-
-
-def rules_for(model_type: str) -> Path | None:
-    """The shipped rule file for a model family, if there is one (`llama` -> rules/llama.yaml)."""
-    for stem in (model_type, model_type.replace("_", "-")):
-        path = builtin_rules_dir() / f"{stem}.yaml"
-        if path.is_file():
-            return path
-    return None
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

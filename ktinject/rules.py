@@ -13,7 +13,7 @@ import importlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
@@ -127,17 +127,40 @@ def builtin_rule_files() -> list[Path]:
     return sorted(builtin_rules_dir().glob("*.yaml"))
 
 
+def rules_for(model_type: str) -> Path | None:
+    """The shipped rule file for a model family, if there is one (`llama` -> rules/llama.yaml)."""
+    for stem in (model_type, model_type.replace("_", "-")):
+        path = builtin_rules_dir() / f"{stem}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
 def find_rule_file(spec: str | Path, *, relative_to: Path | None = None) -> Path:
     """Resolve a rule file: a path, a shipped file name (`llama.yaml`) or a stem (`llama`)."""
+    names = ", ".join(p.name for p in builtin_rule_files())
+    if isinstance(spec, str) and not spec.strip():  # Path("") would be the current directory
+        raise RuleError(
+            f"Rule file {spec!r} is an empty name; give a path or one of the shipped files: "
+            f"{names}."
+        )
     candidates = [Path(spec)]
     if relative_to is not None:
         candidates.insert(0, relative_to / spec)
     shipped = builtin_rules_dir()
     candidates += [shipped / str(spec), shipped / f"{spec}.yaml"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    names = ", ".join(p.name for p in builtin_rule_files())
+    try:
+        for path in candidates:
+            if path.is_file():
+                return path
+        text = "\n" in str(spec)
+    except OSError:  # a name longer than a file's can be: YAML text, most likely
+        text = True
+    if text:
+        raise RuleError(
+            f"Rule file {str(spec)[:40]!r}... is YAML text, not a file name; give rules in memory "
+            "as a dict or list (e.g. yaml.safe_load(text)), or write them to a file."
+        )
     if any(path.is_dir() for path in candidates[:-2]):  # the user's paths, not the shipped
         raise RuleError(
             f"Rule file {str(spec)!r} is a directory; give a rule file (.yaml) in it or one of "
@@ -193,7 +216,7 @@ def load_rules(
                 f"--set {key}={value}: the rule file defines no variable {key!r} (its vars: "
                 f"{known}); add it under vars: or fix the name."
             )
-        variables[key] = value
+        variables[key] = _variable_value(key, value)
     rules = [
         _validate(
             raw,
@@ -205,6 +228,19 @@ def load_rules(
         for raw in raw_rules
     ]
     return RuleSet(rules=rules, variables=variables, sources=sources, notes=notes)
+
+
+def _variable_value(key: str, value: Any) -> Any:
+    """An override as a value a rule variable can hold: a device or a path as its text (what a
+    rule file would say); other objects would fail inside omegaconf."""
+    if isinstance(value, torch.device | PurePath):
+        return str(value)
+    if not isinstance(value, str | int | float | bool | list | dict | None):
+        raise RuleError(
+            f"--set {key}={value!r}: a {type(value).__name__} cannot be a rule variable; give a "
+            "str, number, bool, list, dict or None."
+        )
+    return value
 
 
 @dataclass
@@ -251,8 +287,8 @@ def _collect(
     sources.append(source)
     if document is None:
         document = {}
-    if isinstance(document, list):
-        document = {"rules": document}
+    if isinstance(document, list | tuple):
+        document = {"rules": list(document)}
     if not isinstance(document, dict):
         raise RuleError(
             f"{source}: a rule file must be a mapping with 'rules:' or a list of rules, "

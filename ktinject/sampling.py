@@ -11,6 +11,10 @@ import torch
 from ktinject.settings import SamplingParams
 
 TOP_P_CANDIDATES = 256  # entries a CPU orders before falling back to a full sort (top_p_filter)
+# the least temperature the scores are divided by: a smaller one rounds to 0 in float32, which
+# makes the best entry 0 / 0 (NaN); this one already gives probability 0 to every entry more
+# than ~1e-36 below the best
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -25,10 +29,13 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 def sample(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Pick one token per row of `logits` [B, V]; returns int64 [B] on the same device."""
+    """Pick one token per row of `logits` [B, V]; returns int64 [B] on the same device. Each row
+    is scaled relative to its best entry (which becomes 0): a tiny temperature then sends the
+    others to -inf rather than every entry to +-inf, whose softmax is NaN."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    scores = logits.float() / params.temperature
+    scores = logits.float()
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / max(params.temperature, MIN_TEMPERATURE)
     if params.top_k > 0 and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -58,8 +65,11 @@ def _keep_leading_mass(
     scores: torch.Tensor, best: torch.Tensor, order: torch.Tensor, top_p: float
 ) -> torch.Tensor:
     """Keep the entries `order` lists (probabilities `best`, descending) until the mass before
-    one reaches `top_p`; every other entry of `scores` becomes -inf."""
+    one reaches `top_p`; every other entry of `scores` becomes -inf. The first entry always
+    stays: a `top_p` below float32's smallest number compares as 0, which its mass before (0)
+    reaches."""
     drop = (best.cumsum(dim=-1) - best) >= top_p
+    drop[..., 0] = False
     kept = scores.gather(-1, order).masked_fill(drop, float("-inf"))
     return torch.full_like(scores, float("-inf")).scatter(-1, order, kept)
 

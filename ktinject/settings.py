@@ -5,7 +5,9 @@ model."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 from ktinject.errors import KtinjectError
 
@@ -25,6 +27,15 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        self.max_new_tokens = integer("max_new_tokens", self.max_new_tokens)
+        self.temperature = number("temperature", self.temperature)
+        self.top_p = number("top_p", self.top_p)
+        self.top_k = integer("top_k", self.top_k)
+        if self.seed is not None:
+            self.seed = integer("seed", self.seed)
+        self.stop = stop_strings(self.stop)
+        if not isinstance(self.ignore_eos, bool):
+            raise KtinjectError(f"ignore_eos is {self.ignore_eos!r}; it must be True or False.")
         if self.max_new_tokens < 1:
             raise KtinjectError(
                 f"max_new_tokens is {self.max_new_tokens}; it must be at least 1 "
@@ -51,8 +62,44 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def integer(name: str, value: Any) -> int:
+    """`value` as a plain int (numpy integers too), or one sentence: a float would be truncated
+    somewhere later, and a bool is no count."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise KtinjectError(
+            f"{name} is {value!r} ({type(value).__name__}); it must be an integer (int)."
+        )
+    return int(value)
+
+
+def number(name: str, value: Any) -> float:
+    """`value` as a float, or one sentence (a str or None would fail inside torch)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise KtinjectError(
+            f"{name} is {value!r} ({type(value).__name__}); it must be a number, e.g. {name}=1.0."
+        )
+    return float(value)
+
+
+def stop_strings(stop: Any) -> list[str]:
+    """Stop strings as a list: one string is one stop string (as in OpenAI's API), not its
+    characters; None is none."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list | tuple) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise KtinjectError(
+        f"stop is {stop!r}; it must be a string or a list of strings, e.g. stop=['END']."
+    )
+
+
 def check_cache_settings(cache_lens: int | None, chunk_size: int) -> None:
     """The engine's own settings, checked by `Engine` and by the CLI before a model loads."""
+    chunk_size = integer("chunk_size", chunk_size)
+    if cache_lens is not None:
+        cache_lens = integer("cache_lens", cache_lens)
     if chunk_size < 1:
         raise KtinjectError(f"chunk_size is {chunk_size}; it must be at least 1 (--chunk-size).")
     if cache_lens is not None and cache_lens < 2:
