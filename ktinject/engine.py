@@ -182,6 +182,9 @@ class Engine:
             self._allocate(cache_lens)  # checks the memory first: before the slots' bookkeeping
         self.dynamic: list[Any] = [None] * num_slots
         self.dynamic_tokens: list[list[int]] = [[] for _ in range(num_slots)]
+        # bumped whenever a slot's cache is cut (every prefill, every reset), so that a streaming
+        # generation notices another call took its slot (`_check_still_mine`)
+        self.slot_epochs = [0] * num_slots
         # where decode_sampled reads sampled ids back: pinned, so the copy does not block
         on_gpu = self.device.type == "cuda"
         self.readback = torch.zeros(num_slots, dtype=torch.long, pin_memory=on_gpu)
@@ -486,12 +489,15 @@ class Engine:
         stats.setup_s = self.setup_s - setup_before
         stats.prefill_s = time.perf_counter() - started - stats.setup_s
         decode_started = time.perf_counter()
+        mine = self.slot_epochs[slot], self.cached_length(slot)
         while True:
             # Queue the step that feeds `sampled` before looking at it (see decode_sampled),
             # unless the length limit makes it the last token anyway.
             logits = None
             if len(completion.token_ids) + 1 < params.max_new_tokens:
+                self._check_still_mine(slot, mine)
                 logits, (token,) = self.decode_sampled([slot], sampled)
+                mine = mine[0], mine[1] + 1
             else:
                 token = int(sampled[0])
             text = completion.accept(token)
@@ -505,6 +511,18 @@ class Engine:
         stats.setup_s += decode_setup
         stats.decode_s = time.perf_counter() - decode_started - decode_setup
         stats.finish_reason = completion.finish_reason
+
+    def _check_still_mine(self, slot: int, mine: tuple[int, int]) -> None:
+        """A generation resumed after another call changed its slot (a later `generate`,
+        `prefill`, `reset` or `decode` on it) would decode from someone else's cache: refuse.
+        `mine` is the slot's epoch and length as this generation left them."""
+        if (self.slot_epochs[slot], self.cached_length(slot)) != mine:
+            raise KtinjectError(
+                f"Slot {slot} was changed by another call (a later generate, prefill, decode or "
+                "reset on it) while this generation was streaming; finish a generation before "
+                "starting another on its slot, or give each its own (generate(..., slot=N), "
+                "Engine(num_slots=...))."
+            )
 
     def shared_prefix(self, slot: int, token_ids: list[int]) -> int:
         """How many leading `token_ids` the slot already holds. The server asks this of every
@@ -526,6 +544,7 @@ class Engine:
     # -- internals ------------------------------------------------------------------------------
 
     def _truncate(self, slot: int, length: int) -> None:
+        self.slot_epochs[slot] += 1
         if self.cache is not None:
             self.cache.truncate(slot, length)
             return

@@ -281,6 +281,37 @@ def test_a_bad_decode_step_changes_no_slot(
     assert engine.cached_tokens(0) == [1, 2] and engine.cached_length(1) == 0
 
 
+class Letters:
+    """A tokenizer stand-in whose every token reads as one letter, so each step yields text."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_a_generation_whose_slot_another_call_took_stops_with_a_sentence(
+    cache: str, patched, dynamic
+) -> None:
+    """Two generations interleaved on one slot would each decode from the other's cache; the
+    one resumed after the other took the slot refuses, and a generation on its own slot, run
+    to the end alone, is unaffected."""
+    model, settings = (patched, {"cache_lens": 32}) if cache == "static" else (dynamic, {})
+    engine = Engine(model, Letters(), **settings)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    alone = engine.generate(PROMPT, params)
+    list(alone)
+    first, second = engine.generate(PROMPT, params), engine.generate([2, 4, 6], params)
+    taken = iter(first)
+    next(taken)  # prefilled, decoding
+    list(second)
+    with pytest.raises(KtinjectError) as error:
+        next(taken)
+    one_sentence(error.value, "Slot 0 was changed by another call", "slot=N")
+    again = engine.generate(PROMPT, params)
+    list(again)
+    assert again.token_ids == alone.token_ids
+
+
 def test_dynamic_cache_decode_past_the_context_window_is_a_context_error(dynamic) -> None:
     engine = Engine(dynamic)
     engine.prefill(0, list(range(1, 12)))
