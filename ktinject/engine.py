@@ -447,14 +447,16 @@ class Engine:
     def generate(
         self,
         prompt_ids: list[int],
-        params: SamplingParams,
+        params: SamplingParams | None = None,
         *,
         slot: int = 0,
         reuse: bool = False,
     ) -> Generation:
-        """Stream the completion of `prompt_ids`. The arguments and the context are checked
-        here, before any compute, so a `KtinjectError` (e.g. `ContextLengthError`) is raised by
-        this call, not by iteration."""
+        """Stream the completion of `prompt_ids` (`params` by default: greedy, 256 new tokens).
+        The arguments and the context are checked here, before any compute, so a
+        `KtinjectError` (e.g. `ContextLengthError`) is raised by this call, not by iteration."""
+        if params is None:
+            params = SamplingParams()
         if not isinstance(params, SamplingParams):
             raise KtinjectError(
                 f"params is {shown(params)}; pass SamplingParams(...), e.g. "

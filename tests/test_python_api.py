@@ -214,6 +214,13 @@ def test_float_or_batched_arrays_are_refused(engine: Engine, prompt: Any) -> Non
     one_sentence(caught.value, "token_ids is")
 
 
+def test_generate_without_params_is_greedy_with_the_default_length(patched) -> None:
+    engine = Engine(patched, cache_lens=512)
+    generation = engine.generate(PROMPT)
+    generation.result()
+    assert generation.token_ids == tokens(engine, PROMPT, SamplingParams())
+
+
 def test_an_empty_prompt_is_refused_at_the_call(engine: Engine) -> None:
     with pytest.raises(KtinjectError) as caught:
         engine.generate([], SamplingParams())  # not only when iterated
