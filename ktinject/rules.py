@@ -231,16 +231,28 @@ def load_rules(
 
 
 def _variable_value(key: str, value: Any) -> Any:
-    """An override as a value a rule variable can hold: a device or a path as its text (what a
-    rule file would say); other objects would fail inside omegaconf."""
+    """An override as a value a rule variable can hold (see `_plain`)."""
+    return _plain(value, f"--set {key}", "its value")
+
+
+def _plain(value: Any, where: str, key: str) -> Any:
+    """`value` as a rule file could hold it: text, numbers, booleans, None, lists and mappings;
+    a device or a path becomes its text (what a file would say). Anything else -- a compiled
+    regex, a class, a tensor, from rules written in Python -- is one sentence naming `key`:
+    yaml and omegaconf would fail on it deep inside."""
     if isinstance(value, torch.device | PurePath):
         return str(value)
-    if not isinstance(value, str | int | float | bool | list | dict | None):
-        raise RuleError(
-            f"--set {key}={value!r}: a {type(value).__name__} cannot be a rule variable; give a "
-            "str, number, bool, list, dict or None."
-        )
-    return value
+    if isinstance(value, dict):
+        return {k: _plain(v, where, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    hint = ", e.g. 'operators.norm.RMSNorm' as text" if isinstance(value, type) else ""
+    raise RuleError(
+        f"{where}: {key} is of type {type(value).__name__}, which cannot be a rule value; give "
+        f"a str, number, bool, list, dict or None, as a rule file would{hint}."
+    )
 
 
 @dataclass
@@ -343,6 +355,8 @@ def _check_keys(mapping: Mapping[str, Any], allowed: Sequence[str], where: str, 
 def _resolve_vars(body: Any, variables: dict[str, Any], where: str) -> Any:
     """Substitute `${var}`. omegaconf resolvers (`${oc.env:HOME}`, ...) are refused: a rule file
     names modules and operators, it has no business reading the environment."""
+    body = _plain(body, where, "")
+    variables = {name: _plain(value, where, f"vars.{name}") for name, value in variables.items()}
     for text in (yaml.safe_dump(body), yaml.safe_dump(variables)):
         calls = [name for name in VAR_PATTERN.findall(text) if ":" in name]
         if calls:

@@ -4,6 +4,7 @@ legal but extreme values (a tiny temperature or top_p) work."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -393,4 +394,27 @@ def test_device_and_path_overrides_are_their_text(value: Any) -> None:
 def test_an_override_that_is_no_plain_value_is_one_sentence() -> None:
     with pytest.raises(RuleError) as caught:
         optimize(tiny_model("llama"), "llama-2gpu", gpu1=object())
-    one_sentence(caught.value, "gpu1=", "cannot be a rule variable", "str, number")
+    one_sentence(caught.value, "--set gpu1", "cannot be a rule value", "str, number")
+
+
+@pytest.mark.parametrize(
+    ("rule", "named"),
+    [
+        ({"match": {"name": re.compile("norm")}, "replace": {"class": "default"}}, "match.name"),
+        ({"match": {"name": "norm$"}, "replace": {"class": torch.nn.Identity}}, "replace.class"),
+        (
+            {"match": {"name": "norm$"}, "replace": {"class": "default", "kwargs": {"w": PROMPT}}},
+            None,
+        ),
+    ],
+)
+def test_rules_written_in_python_take_plain_values_only(rule: dict, named: str | None) -> None:
+    """A compiled regex or a class object in a rule is one sentence naming its key; plain
+    values (here a list in kwargs) and a torch.device as the device pass."""
+    rule = {**rule, "replace": {**rule["replace"], "device": torch.device("cpu")}}
+    if named is None:
+        optimize(tiny_model("llama"), {"rules": [rule]})
+        return
+    with pytest.raises(RuleError) as caught:
+        optimize(tiny_model("llama"), {"rules": [rule]})
+    one_sentence(caught.value, named, "cannot be a rule value")
