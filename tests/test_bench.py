@@ -43,6 +43,7 @@ def test_tiny_bench_writes_json_and_matches_hf(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert {"machine", "model", "settings", "reference", "systems", "ratios"} <= set(result)
     assert {"date", "cpu", "cpu_capability", "torch", "transformers"} <= set(result["machine"])
+    assert result["machine"]["native_operators"] in ("C++", "Python", None)
     assert result["settings"]["dtype"] == "float32"
     assert result["settings"]["cache_lens"] >= 40 + 6
     assert result["model"]["rules"].endswith("llama.yaml")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from operators.native import ops as native_ops
+
 RSS_SAMPLE_S = 0.005
 
 
@@ -139,6 +141,9 @@ def machine(device: torch.device) -> dict[str, object]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": str(device),
+        # how the CPU's C kernels were called: "C++" operators, "Python" (ctypes; the
+        # KTINJECT_NATIVE=ctypes A/B build or no C++ compiler), or None (not built or not used)
+        "native_operators": native_ops.kernels,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
