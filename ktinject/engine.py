@@ -207,7 +207,10 @@ class Engine:
         return self.cache.cache_lens if self.cache is not None else None
 
     def cached_length(self, slot: int) -> int:
-        slot = self.check_slot(slot)
+        return self._length(self.check_slot(slot))
+
+    def _length(self, slot: int) -> int:
+        """`cached_length` of a slot already checked (the engine's own per-step reads)."""
         if self.cache is not None:
             return self.cache.lengths[slot]
         return len(self.dynamic_tokens[slot])
@@ -324,28 +327,36 @@ class Engine:
         """Make `slot` hold `token_ids`; return the logits after the last one [V] and how many
         leading tokens were reused from the slot's cache (at least one token is recomputed)."""
         slot = self.check_slot(slot)
-        token_ids = self.check_token_ids(token_ids)
+        if not isinstance(token_ids, list) or not token_ids:
+            token_ids = self.check_token_ids(token_ids)  # a tensor, array or tuple; or empty
         self.reserve(len(token_ids), 1)
         cached = self.shared_prefix(slot, token_ids) if reuse else 0
         cached = min(cached, len(token_ids) - 1)
+        # only the part computed now: the cached part was checked when it was prefilled (the
+        # server prefills a long prompt a chunk at a time, each call with all before it)
+        todo = self.check_token_ids(token_ids[cached:])
         self._truncate(slot, cached)
         logits = None
-        for start in range(cached, len(token_ids), self.chunk_size):
-            chunk = token_ids[start : start + self.chunk_size]
-            logits = self._forward_chunk(slot, start, chunk)
+        for start in range(0, len(todo), self.chunk_size):
+            logits = self._forward_chunk(
+                slot, cached + start, todo[start : start + self.chunk_size]
+            )
         return logits, cached
 
     @torch.inference_mode()
     def decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
         """Feed one token per slot at its next position; return logits [B, V]."""
         token_ids = self.check_token_ids(token_ids)
-        slots = self.check_step(slots, len(token_ids))
+        return self._decode(self.check_step(slots, len(token_ids)), token_ids)
+
+    def _decode(self, slots: list[int], token_ids: list[int]) -> torch.Tensor:
+        """`decode` of checked slots and ids."""
         if not self.static:
             # the context window, which `_decode_static` checks through `reserve`
-            self.check_request(max(map(self.cached_length, slots)), 1)
+            self.check_request(max(map(self._length, slots)), 1)
             return torch.cat(
                 [
-                    self._forward_chunk(s, self.cached_length(s), [t])[None]
+                    self._forward_chunk(s, self._length(s), [t])[None]
                     for s, t in zip(slots, token_ids, strict=True)
                 ]
             )
@@ -353,7 +364,6 @@ class Engine:
         self._record(slots, token_ids)
         return logits
 
-    @torch.inference_mode()
     def decode_sampled(
         self, slots: list[int], sampled: torch.Tensor
     ) -> tuple[torch.Tensor, list[int]]:
@@ -365,7 +375,13 @@ class Engine:
         checks, launching the next step) overlaps the device's step instead of alternating with
         it. The price is one step computed for a token that ends a generation; its K/V is as
         valid as any other and stays cached, so the next turn of a conversation reuses it."""
-        slots = self.check_step(slots, len(sampled))
+        return self._decode_sampled(self.check_step(slots, len(sampled)), sampled)
+
+    @torch.inference_mode()
+    def _decode_sampled(
+        self, slots: list[int], sampled: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int]]:
+        """`decode_sampled` of checked slots (`generate` checked its slot once, not per step)."""
         batch = len(slots)
         readback = self.readback[:batch]
         readback.copy_(sampled, non_blocking=True)  # ordered before the step on the stream
@@ -375,7 +391,7 @@ class Engine:
             if self.readback_done is not None:
                 self.readback_done.synchronize()
             token_ids = readback.tolist()
-            return self.decode(slots, token_ids), token_ids
+            return self._decode(slots, token_ids), token_ids
         logits = self._decode_static(slots, sampled)
         if self.readback_done is not None:
             self.readback_done.synchronize()  # waits for the sampling only, not for the step
@@ -385,7 +401,7 @@ class Engine:
 
     def _decode_static(self, slots: list[int], token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """Queue one decode step over the static cache and advance the slots' lengths."""
-        positions = [self.cached_length(s) for s in slots]
+        positions = [self._length(s) for s in slots]
         self.reserve(max(positions), 1)
         if self.cuda_graph:
             logits = self._graph(len(slots)).run(slots, token_ids, positions)
@@ -491,14 +507,14 @@ class Engine:
         stats.setup_s = self.setup_s - setup_before
         stats.prefill_s = time.perf_counter() - started - stats.setup_s
         decode_started = time.perf_counter()
-        mine = self.slot_epochs[slot], self.cached_length(slot)
+        mine = self.slot_epochs[slot], self._length(slot)
         while True:
             # Queue the step that feeds `sampled` before looking at it (see decode_sampled),
             # unless the length limit makes it the last token anyway.
             logits = None
             if len(completion.token_ids) + 1 < params.max_new_tokens:
                 self._check_still_mine(slot, mine)
-                logits, (token,) = self.decode_sampled([slot], sampled)
+                logits, (token,) = self._decode_sampled([slot], sampled)
                 mine = mine[0], mine[1] + 1
             else:
                 token = int(sampled[0])
@@ -518,7 +534,7 @@ class Engine:
         """A generation resumed after another call changed its slot (a later `generate`,
         `prefill`, `reset` or `decode` on it) would decode from someone else's cache: refuse.
         `mine` is the slot's epoch and length as this generation left them."""
-        if (self.slot_epochs[slot], self.cached_length(slot)) != mine:
+        if (self.slot_epochs[slot], self._length(slot)) != mine:
             raise KtinjectError(
                 f"Slot {slot} was changed by another call (a later generate, prefill, decode or "
                 "reset on it) while this generation was streaming; finish a generation before "
