@@ -650,11 +650,11 @@ class Engine:
         if prefill:
             ids = host_ints_to(token_ids, device)[None]
             positions = torch.arange(starts[0], starts[0] + len(token_ids), device=device)[None]
-            seq_lens = (positions[:, -1] + 1).to(torch.int32)
+            seq_lens = positions[:, -1] + 1  # int64, as in the captured step
         else:
             ids = decode_ids(token_ids, device)
             positions = host_ints_to(starts, device)[:, None]
-            seq_lens = (positions[:, 0] + 1).to(torch.int32)
+            seq_lens = positions[:, 0] + 1
         context = AttentionContext(
             cache=self.cache,
             slots=host_ints_to(slots, device),

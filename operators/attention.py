@@ -4,7 +4,9 @@ The operator fuses the q/k/v projections into one matmul, writes the new K/V int
 fixed-size cache (`ktinject.cache`) at the current positions, and attends over each sequence's
 valid length only: SDPA with an offset causal mask for prefill chunks, and a flash-decoding kernel
 (Triton on GPU, C on CPU, torch where neither applies) for single-token decode, which is
-CUDA-graph safe because lengths are read from device tensors. Outside an engine context it behaves
+CUDA-graph safe because lengths are read from device tensors. Eager float32 decode on a CPU rotates
+q and k and writes the cache in one C++ call before that kernel (`_rope_write_native`). Outside an
+engine context it behaves
 exactly like the Hugging Face module it replaced (Hugging Face cache, Hugging Face mask), so
 `model.generate()` keeps working.
 """
@@ -156,8 +158,13 @@ class StaticCacheAttention(Operator):
         a decoder layer that computes the projection itself (with the norm before it folded in,
         `operators.layer`) continues here."""
         batch, length, _ = qkv.shape
-        q, k, v = qkv.split(self.split, dim=-1)
         context = current_context(qkv.device)
+        if context is not None and context.prefill_start is None and length == 1:
+            q = self._rope_write_native(qkv, position_embeddings, context)
+            if q is not None:  # eager float32 decode on a CPU
+                out = self._attend_cache(q[:, :, None], context)
+                return self.o_proj(out.reshape(batch, length, -1))
+        q, k, v = qkv.split(self.split, dim=-1)
         fused = self.fused_rope and use_triton(qkv)
         # decode on GPU: per-head norms, rotation and the K/V write in one launch
         one_launch = fused and context is not None and context.prefill_start is None
@@ -192,6 +199,40 @@ class StaticCacheAttention(Operator):
             else:
                 out = self._decode(q, k, v, context)
         return self.o_proj(out.reshape(batch, length, -1))
+
+    def _rope_write_native(
+        self,
+        qkv: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        context: AttentionContext,
+    ) -> torch.Tensor | None:
+        """One decode token per row, eagerly in float32 on a CPU: the per-head norms (if any),
+        the rotation of q and k and the K/V write in one C++ call instead of ~25 torch calls
+        (`operators.native.ops.rope_write_kv`). Returns the rotated q [B, Hq, D], or None where
+        that call does not apply (another rotation, clipping, norms over all heads, no C++
+        build, other dtypes)."""
+        k_cache, v_cache = context.cache.kv[self.layer_idx]
+        if not self.fused_rope or self.clip_qkv is not None or position_embeddings is None:
+            return None
+        cos, sin = position_embeddings
+        if not native_ops.layer_ops_serve(qkv, cos, sin, k_cache, v_cache):
+            return None
+        norms: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = (None, None, 0.0)
+        if self.q_norm is not None:
+            norms = self._head_norms(qkv)
+            if norms is None:
+                return None
+        return native_ops.rope_write_kv(
+            qkv.reshape(qkv.shape[0], -1),
+            cos[:, 0],
+            sin[:, 0],
+            k_cache,
+            v_cache,
+            context.slots,
+            context.positions[:, 0],
+            self.num_heads,
+            *norms,
+        )
 
     def _head_norms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(q weight, k weight, eps) of per-head RMSNorms that `rope_write_kv` can apply itself:

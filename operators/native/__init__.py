@@ -31,7 +31,10 @@ for all the query heads that share them, where torch had to gather a masked copy
 The kernels reach torch as operators (`ops`, so compiled graphs call them without a break)
 whose CPU kernels are C++ (`torch_ops.cpp`, built with `library()` against torch's headers,
 ~20 s the first time on a 2-core CPU): through ctypes a call cost ~20 us more, and a decode step
-makes ~150 calls. Without a C++ compiler the operators call this module's functions.
+makes ~150 calls. Without a C++ compiler the operators call this module's functions. The same
+build gives the small steps between the kernels (norms, SiLU-and-mul, the rotary embedding and
+the cache write) C++ operators for eager float32 decode (`layer_ops.cpp`; C++ only: without it
+the torch references serve).
 
 Where no compiler (or no OpenMP) is available, `library()` warns once and returns None, and the
 callers keep their torch path: same results, slower. `KTINJECT_NATIVE=0` chooses that path on
@@ -60,7 +63,8 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = (HERE / "block_matmul.c", HERE / "decode_attention.c")
 HEADERS = (HERE / "vectors.h",)
-TORCH_OPS = HERE / "torch_ops.cpp"
+# the kernels' torch operators, and the layer's small steps between them (eager CPU decode)
+TORCH_OPS = (HERE / "torch_ops.cpp", HERE / "layer_ops.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BITS = {torch.uint8: 4, torch.int8: 8}  # packed dtype -> format (Q4_1, Q8_0)
 
@@ -100,8 +104,9 @@ def _build_kernels(compiler: str) -> Path:
 
 
 def _build_torch_ops(kernels: Path) -> Path:
-    """`torch_ops.cpp` (the kernels' torch operators in C++) for this torch, linked to
-    `kernels`. Raises where there is no C++ compiler or torch ships no headers."""
+    """`TORCH_OPS` (the C++ operators) for this torch, linked to `kernels`. Built without fused
+    multiply-adds, so the rotary embedding rounds as torch does. Raises where there is no C++
+    compiler or torch ships no headers."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         raise FileNotFoundError("no C++ compiler (c++, g++ or $CXX) on PATH")
@@ -110,11 +115,13 @@ def _build_torch_ops(kernels: Path) -> Path:
         raise FileNotFoundError(f"torch has no C++ headers under {root / 'include'}")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     command = [
-        *[compiler, "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"],
-        *[f"-I{root / 'include'}", str(TORCH_OPS), str(kernels)],
+        *[compiler, "-O2", "-std=c++20", "-ffp-contract=off", "-shared", "-fPIC"],
+        *[f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}"],
+        *[*map(str, TORCH_OPS), str(kernels)],
         *[f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{kernels.parent}"],
     ]
-    inputs = [TORCH_OPS.read_bytes(), torch.__version__.encode(), str(root).encode()]
+    inputs = [*(path.read_bytes() for path in TORCH_OPS), torch.__version__.encode()]
+    inputs.append(str(root).encode())
     return _build("torch-ops", command, inputs)
 
 

@@ -28,9 +28,26 @@ _LIBRARY.impl(
 _LIBRARY.impl("dense_matmul", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]), "Meta")
 _LIBRARY.impl("decode_attention", lambda q, *_: torch.empty_like(q), "Meta")
 
+# The small steps of a decoder layer between the kernels (layer_ops.cpp): C++ only, and only
+# called eagerly (`layer_ops_serve`), so they need neither a Python kernel nor a Meta one.
+_LIBRARY.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_LIBRARY.define(
+    "add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)"
+)
+_LIBRARY.define("silu_mul(Tensor gate_up) -> Tensor")
+_LIBRARY.define(
+    "rope_write_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+    "Tensor slots, Tensor positions, int num_heads, Tensor? q_norm, Tensor? k_norm, float eps) "
+    "-> Tensor"
+)
+
 block_matmul = torch.ops.ktinject.block_matmul.default
 dense_matmul = torch.ops.ktinject.dense_matmul.default
 decode_attention = torch.ops.ktinject.decode_attention.default
+rms_norm = torch.ops.ktinject.rms_norm.default
+add_rms_norm = torch.ops.ktinject.add_rms_norm.default
+silu_mul = torch.ops.ktinject.silu_mul.default
+rope_write_kv = torch.ops.ktinject.rope_write_kv.default
 
 kernels: str | None = None  # which CPU kernels the operators have: "C++", "Python", or none yet
 
@@ -41,3 +58,20 @@ def register_python_kernels() -> None:
     for name in ("block_matmul", "dense_matmul", "decode_attention"):
         _LIBRARY.impl(name, getattr(native, name), "CPU")
     kernels = "Python"
+
+
+def layer_ops_serve(*tensors: torch.Tensor) -> bool:
+    """Whether the layer's small steps on `tensors` go through the C++ operators of
+    `layer_ops.cpp`: float32 CPU tensors without autograd, called eagerly, once the C++
+    operators are built. A graph being compiled keeps the torch references (inductor fuses them
+    itself, and an operator that writes the cache would be copied around)."""
+    return (
+        kernels == "C++"
+        and not torch.compiler.is_compiling()
+        and all(
+            t.device.type == "cpu"
+            and t.dtype == torch.float32
+            and not (t.requires_grad and torch.is_grad_enabled())
+            for t in tensors
+        )
+    )

@@ -24,16 +24,18 @@ Numerics
 --------
 Every ``*_reference`` function performs Hugging Face's operations in Hugging Face's order and
 dtypes, so it is bit-identical to the module/function it mirrors (tests prove it) and serves both
-as the CPU path and as the test oracle.  The kernels round at the same points as Hugging Face:
-intermediate results that HF materialises in the input dtype (the normalised activations before
-the weight multiply, the residual sum, ``silu(gate)``, each product of the rotary embedding) are
-rounded to that dtype before they are used.  Products of two bf16/fp16 values are exact in fp32,
-so with round-to-nearest-even casts (the GPU's) the weight multiply, the residual add and the whole
-rotary embedding are bit-exact with HF; the reductions (sum of squares) and transcendental
-functions (``rsqrt``, ``exp``) differ from torch's by a few fp32 ulps, which can flip the last
-bit of a bf16/fp16 result.  The rotary kernel is launched with fp-contraction off, so fp32 results
-are also bit-exact (no fused multiply-add).  Under ``TRITON_INTERPRET=1`` fp32->bf16 casts
-truncate instead of rounding, so interpreted bf16 results may be one ulp off.
+as the CPU path and as the test oracle (eager float32 CPU calls take the C++ operators of
+``operators/native/layer_ops.cpp`` instead, bit-identical to these references). The kernels round
+at the same points as Hugging Face: intermediate results that HF materialises in the input dtype
+(the normalised activations before the weight multiply, the residual sum, ``silu(gate)``, each
+product of the rotary embedding) are rounded to that dtype before they are used. Products of two
+bf16/fp16 values are exact in fp32, so with round-to-nearest-even casts (the GPU's) the weight
+multiply, the residual add and the whole rotary embedding are bit-exact with HF; the reductions
+(sum of squares) and transcendental functions (``rsqrt``, ``exp``) differ from torch's by a few
+fp32 ulps, which can flip the last bit of a bf16/fp16 result. The rotary kernel is launched with
+fp-contraction off, so fp32 results are also bit-exact (no fused multiply-add). Under
+``TRITON_INTERPRET=1`` fp32->bf16 casts truncate instead of rounding, so interpreted bf16 results
+may be one ulp off.
 
 Constraints of every kernel
 ---------------------------
