@@ -3,12 +3,11 @@
 The operator fuses the q/k/v projections into one matmul, writes the new K/V into the engine's
 fixed-size cache (`ktinject.cache`) at the current positions, and attends over each sequence's
 valid length only: SDPA with an offset causal mask for prefill chunks, and a flash-decoding kernel
-(Triton on GPU, C on CPU, torch where neither applies) for single-token decode, which is
-CUDA-graph safe because lengths are read from device tensors. Eager float32 decode on a CPU rotates
-q and k and writes the cache in one C++ call before that kernel (`_rope_write_native`). Outside an
-engine context it behaves
-exactly like the Hugging Face module it replaced (Hugging Face cache, Hugging Face mask), so
-`model.generate()` keeps working.
+(Triton on GPU, C on CPU, torch where neither applies) for single-token decode, which is CUDA-graph
+safe because lengths are read from device tensors. Eager float32 decode on a CPU rotates q and k
+and writes the cache in one C++ call before that kernel (`_rope_write_native`). Outside an engine
+context it behaves exactly like the Hugging Face module it replaced (Hugging Face cache, Hugging
+Face mask), so `model.generate()` keeps working.
 """
 
 from __future__ import annotations
