@@ -5,8 +5,9 @@
 // Why: an eager SmolLM2 decode step on a 2-core AVX2 EPYC spent ~17 ms of its ~60 ms outside
 // the projections (2026-11-30), in ~90 small torch calls a layer (Hugging Face's RMSNorm alone is
 // eight, its rotate-half rotary embedding a dozen, the cache write four slices) and the Python
-// around each. Here a step is one call: the norms and SiLU run torch's own kernels in Hugging
-// Face's order from C++ (no Python between them), the rotation and cache write are one loop.
+// around each. Here a step is one call: the norms keep torch's own mean and do the rest by hand,
+// SiLU runs torch's kernels from C++ (no Python between them), the rotation and cache write are
+// one loop.
 //
 // Numerics: bit-identical to operators/triton/fused.py's references, hence to Hugging Face (the
 // rotation rounds each product and the sum on their own: this file is built with fp-contract
