@@ -30,7 +30,7 @@ for all the query heads that share them, where torch had to gather a masked copy
 
 The kernels reach torch as operators (`ops`, so compiled graphs call them without a break)
 whose CPU kernels are C++ (`torch_ops.cpp`, built with `library()` against torch's headers,
-~20 s the first time on a 2-core CPU): through ctypes a call cost ~20 us more, and a decode step
+~35 s the first time on a 2-core CPU): through ctypes a call cost ~20 us more, and a decode step
 makes ~150 calls. Without a C++ compiler the operators call this module's functions. The same
 build gives the small steps between the kernels (norms, SiLU-and-mul, the rotary embedding and
 the cache write) C++ operators for eager float32 decode (`layer_ops.cpp`; C++ only: without it
@@ -191,7 +191,7 @@ def _give_ops_kernels(kernels: Path) -> None:
 def build_for(device: torch.device | str | None) -> None:
     """Build the kernels now when an operator's weights are on a CPU (called as they are
     built or loaded), so the first forward of a generation does not pay for it (~0.3 s, and
-    the first time on a machine ~20 s for the C++ operators)."""
+    the first time on a machine ~35 s for the C++ operators)."""
     if device is not None and torch.device(device).type == "cpu":
         library()
 
