@@ -13,7 +13,9 @@ through one `torch.compile` graph instead of ~20 eager ops per layer. On a CPU t
 turns the model's plain float32 `nn.Linear` modules into `operators.linear.DecodeLinear` (same
 parameters; decode rows go through C dot kernels that stream weights faster than torch's GEMV:
 ~2.5x on an AVX-512 EPYC, ~1.8x for the head on an AVX2 one), which stays so for other uses of
-the model.
+the model, and prepares the decoder layers whose every part has a CPU kernel to decode in one
+C++ call each (`operators.layer`). The engine reads the model's modules when it is built (its
+compiled step too): build a new engine after replacing a module or a weight tensor.
 
 `prefill` and `decode` / `decode_sampled` are the primitives the server batches; `generate` is
 the single-sequence loop used by `run` and `chat` (and, step for step, by `bench`). Both loops
@@ -51,7 +53,7 @@ from ktinject.errors import ContextLengthError, KtinjectError
 from ktinject.inject import is_meta
 from ktinject.placement import model_devices
 from ktinject.settings import SamplingParams, check_cache_settings, integer
-from operators.layer import FusedResidualDecoderLayer
+from operators.layer import FusedResidualDecoderLayer, prepare_native_decode
 from operators.linear import decode_linears
 from operators.triton.gemv import MAX_ROWS, fused_gemv_pinned, prefer_fused_gemv
 
@@ -151,6 +153,7 @@ class Engine:
             m.layer_idx: m.cache_spec() for m in model.modules() if hasattr(m, "cache_spec")
         }
         decode_linears(model)  # CPU float32 projections decode through the C dot kernels
+        prepare_native_decode(model)  # and eager float32 CPU decode runs each layer in one call
         self.graph_blocked_by = graph_blocker(model)  # why decode is not captured, if it is not
         self.graph_requested = cuda_graph
         self.cuda_graph = (

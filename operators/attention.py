@@ -24,7 +24,12 @@ from ktinject.cache import AttentionContext, LayerSpec, current_context
 from ktinject.errors import RuleError
 from operators import native
 from operators.base import Operator, beside, check_source, fuse_keys_on_load, fused_linear
-from operators.linear import eager_or_op, linear_dtype_device, native_available
+from operators.linear import (
+    eager_or_op,
+    linear_dtype_device,
+    native_available,
+    native_projection,
+)
 from operators.native import ops as native_ops
 from operators.triton.decode_attention import decode_attention_reference
 from operators.triton.fused import (
@@ -232,6 +237,28 @@ class StaticCacheAttention(Operator):
             self.num_heads,
             *norms,
         )
+
+    def native_decode_weights(self) -> tuple[tuple[Any, ...], list[Any], int] | None:
+        """What a decoder layer passes for this attention when it decodes in one C++ call
+        (`operators.layer`, `operators.native.ops.decode_layer`): (num_heads, q norm, k norm,
+        their eps, scale), the q/k/v and output projections, and the most rows the projections
+        take there. None where this attention's eager float32 CPU decode would not take the
+        C++ rotation, the C decode attention kernel and C-kernel projections (so one call would
+        not compute the same values)."""
+        fits = (
+            self.fused_rope
+            and self.clip_qkv is None
+            and self.head_dim % 16 == 0  # `native.caches_fit_decode_attention`'s static part
+            and self.num_heads % self.num_kv_heads == 0
+        )
+        norms: tuple[Any, Any, float] | None = (None, None, 0.0)
+        if self.q_norm is not None:
+            norms = self._head_norms(torch.empty(0))
+        qkv, o_proj = native_projection(self.qkv), native_projection(self.o_proj)
+        if not fits or norms is None or qkv is None or o_proj is None:
+            return None
+        heads = (self.num_heads, *norms, self.scaling)
+        return heads, [qkv[0], o_proj[0]], min(qkv[1], o_proj[1])
 
     def _head_norms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(q weight, k weight, eps) of per-head RMSNorms that `rope_write_kv` can apply itself:

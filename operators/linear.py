@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -402,3 +403,21 @@ def linear_dtype_device(layer: nn.Module) -> tuple[torch.dtype, torch.device]:
     if isinstance(layer, BlockQuantLinear):
         return layer.compute_dtype, layer.device
     return layer.weight.dtype, layer.weight.device
+
+
+def native_projection(linear: nn.Module) -> tuple[list[torch.Tensor | None], int] | None:
+    """`linear` as `operators.native.ops.decode_layer` takes a projection, [weight or packed
+    blocks, scales, mins, bias], and the most float32 rows for which its own forward calls the
+    C kernels (so the layer's one call computes the same values); None where it never does."""
+    if not native_available():
+        return None
+    if type(linear) is DecodeLinear:
+        weight = linear.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return None
+        return [weight, None, None, linear.bias], DENSE_ROWS
+    if isinstance(linear, BlockQuantLinear):
+        if linear.compute_dtype != torch.float32 or linear.device.type != "cpu":
+            return None
+        return [linear.packed, linear.scales, linear.mins, linear.bias], sys.maxsize
+    return None

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from operators.base import Operator, check_source, fuse_keys_on_load, fused_linear
+from operators.linear import native_projection
 from operators.native import ops as native_ops
 from operators.triton.fused import silu_mul, use_triton
 
@@ -56,3 +57,12 @@ class FusedGatedMLP(Operator):
             return self.down_proj(native_ops.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
+
+    def native_decode_weights(self) -> tuple[list[Any], int] | None:
+        """([gate/up, down] as `operators.native.ops.decode_layer` takes projections, the most
+        rows they take there), where this MLP's eager float32 CPU path is the C kernels and the
+        C++ SiLU-and-mul; else None."""
+        gate_up, down = native_projection(self.gate_up), native_projection(self.down_proj)
+        if not self.fused_silu or gate_up is None or down is None:
+            return None
+        return [gate_up[0], down[0]], min(gate_up[1], down[1])

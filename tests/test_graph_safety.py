@@ -25,6 +25,7 @@ import operators.attention
 import operators.experts
 import operators.layer
 import operators.mlp
+import operators.native.ops
 import operators.norm
 from ktinject import optimize
 from ktinject.engine import DecodeStep, Engine, graph_blocker
@@ -71,6 +72,8 @@ def force_gpu_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         monkeypatch.setattr(module, "use_triton", lambda tensor: True)
     monkeypatch.setattr(operators.experts, "graph_safe", lambda tensor: True)
+    # the CPU's C++ layer operators never serve a GPU step (its tensors are not on a CPU)
+    monkeypatch.setattr(operators.native.ops, "layer_ops_serve", lambda *tensors: False)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-gemv"])

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from ktinject.engine import Engine
 from ktinject.inject import optimize
 from operators import native
+from operators.layer import FusedResidualDecoderLayer, prepare_native_decode
+from operators.linear import DENSE_ROWS
 from operators.native import ops
 from operators.triton.fused import (
     add_rms_norm_reference,
@@ -138,30 +140,86 @@ def test_graphs_being_compiled_keep_the_torch_references() -> None:
     assert not ops.layer_ops_serve(torch.ones(3, requires_grad=True))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_eager_cpu_decode_takes_them_and_decodes_as_the_torch_path(arch: str, monkeypatch) -> None:
-    model, _ = optimize(tiny_model(arch), arch, strict=True)
+def greedy_decode(
+    engine: Engine, prompts: list[list[int]], steps: int
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Prefill each prompt in its own slot, then decode them together greedily: the tokens and
+    each step's logits."""
+    last = [engine.prefill(slot, ids, reuse=False)[0] for slot, ids in enumerate(prompts)]
+    tokens = [[int(row.argmax())] for row in last]
+    logits = []
+    for _ in range(steps):
+        out = engine.decode(list(range(len(prompts))), [t[-1] for t in tokens])
+        logits.append(out)
+        for row, t in zip(out, tokens, strict=True):
+            t.append(int(row.argmax()))
+    return tokens, logits
+
+
+@pytest.mark.parametrize(
+    ("arch", "rules"),
+    [
+        ("llama", "llama"),  # float32 weights (DecodeLinear)
+        ("llama", "llama-cpu-q4"),  # GGUF blocks (BlockQuantLinear)
+        ("qwen2", "qwen2"),  # q/k/v bias
+        ("qwen3", "qwen3"),  # per-head q/k norms
+    ],
+)
+def test_eager_cpu_decode_of_a_layer_in_one_call_equals_its_steps_and_the_torch_path(
+    arch: str, rules: str, monkeypatch
+) -> None:
+    """A layer decodes in one C++ call (`decode_layer`), and that gives bit for bit what its
+    steps give one by one through Python, and what the torch references give."""
+    model, _ = optimize(tiny_model(arch), rules, strict=True)
     engine = Engine(model, cache_lens=64, num_slots=2)
+    layers = model.config.num_hidden_layers
+    assert sum(m.native_decode is not None for m in model.modules() if hasattr(m, "native_decode"))
     calls = []
-    rope_write_kv = ops.rope_write_kv
-    monkeypatch.setattr(ops, "rope_write_kv", lambda *a: calls.append(1) or rope_write_kv(*a))
+    for name in ("decode_layer", "rope_write_kv"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, op=op, name=name: calls.append(name) or op(*a))
     prompts = [[5, 9, 2, 7, 1], [3, 3, 8]]
 
-    def greedy(steps: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-        last = [engine.prefill(slot, ids, reuse=False)[0] for slot, ids in enumerate(prompts)]
-        tokens = [[int(row.argmax())] for row in last]
-        logits = []
-        for _ in range(steps):
-            out = engine.decode([0, 1], [t[-1] for t in tokens])
-            logits.append(out)
-            for row, t in zip(out, tokens, strict=True):
-                t.append(int(row.argmax()))
-        return tokens, logits
-
-    native_tokens, native_logits = greedy(6)
-    assert len(calls) == 6 * model.config.num_hidden_layers
+    one_call = greedy_decode(engine, prompts, 6)
+    assert calls == ["decode_layer"] * 6 * layers
+    monkeypatch.setattr(FusedResidualDecoderLayer, "_native_decode", lambda *_: None)
+    steps = greedy_decode(engine, prompts, 6)
+    assert calls.count("rope_write_kv") == 6 * layers
     monkeypatch.setattr(ops, "layer_ops_serve", lambda *tensors: False)
-    torch_tokens, torch_logits = greedy(6)
-    assert native_tokens == torch_tokens
-    for got, want in zip(native_logits, torch_logits, strict=True):
-        assert torch.equal(got, want)
+    torch_path = greedy_decode(engine, prompts, 6)
+    for other in (steps, torch_path):
+        assert one_call[0] == other[0]
+        for got, want in zip(one_call[1], other[1], strict=True):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("arch", "rules", "one_call"),
+    [
+        ("llama", "llama", True),
+        ("mixtral", "mixtral", False),
+        ("deepseek_v3", "deepseek-v3", False),
+    ],
+)
+def test_only_layers_whose_every_part_has_a_cpu_kernel_decode_in_one_call(
+    arch: str, rules: str, one_call: bool
+) -> None:
+    """MoE experts and MLA attention keep their own paths; float32 projections take the dense
+    kernel up to DENSE_ROWS rows (what DecodeLinear hands it), so the one call does too."""
+    model, _ = optimize(tiny_model(arch), rules, strict=True)
+    Engine(model, cache_lens=32)
+    layers = [m for m in model.modules() if isinstance(m, FusedResidualDecoderLayer)]
+    assert layers
+    assert all((layer.native_decode is not None) == one_call for layer in layers)
+    if one_call:
+        assert {layer.native_decode.max_rows for layer in layers} == {DENSE_ROWS}
+    assert prepare_native_decode(tiny_model("llama")) == 0  # not patched: nothing to prepare
+
+
+def test_decode_layer_refuses_a_malformed_projection_in_one_sentence() -> None:
+    qkv, cos, sin, k_cache, v_cache, slots, positions = decode_problem(1, 2, 1, 16, 0)
+    hidden, norm = torch.randn(1, 32), torch.ones(32)
+    step = (torch.randn(1, 32), k_cache, v_cache, cos, sin, slots, positions, positions + 1)
+    weights = (norm, 1e-5, [torch.randn(64, 32)], 2, None, None, 0.0, 0.25)
+    with pytest.raises(ValueError, match=r"each projection as \[weight or packed blocks"):
+        ops.decode_layer(*step, *weights, [hidden], norm, 1e-5, [hidden], [hidden])

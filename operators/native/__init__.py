@@ -33,8 +33,8 @@ whose CPU kernels are C++ (`torch_ops.cpp`, built with `library()` against torch
 ~35 s the first time on a 2-core CPU): through ctypes a call cost ~20 us more, and a decode step
 makes ~150 calls. Without a C++ compiler the operators call this module's functions. The same
 build gives the small steps between the kernels (norms, SiLU-and-mul, the rotary embedding and
-the cache write) C++ operators for eager float32 decode (`layer_ops.cpp`; C++ only: without it
-the torch references serve).
+the cache write) C++ operators for eager float32 decode, and a whole decoder layer of them and
+the kernels as one (`layer_ops.cpp`; C++ only: without it the torch references serve).
 
 Where no compiler (or no OpenMP) is available, `library()` warns once and returns None, and the
 callers keep their torch path: same results, slower. `KTINJECT_NATIVE=0` chooses that path on
@@ -65,6 +65,7 @@ SOURCES = (HERE / "block_matmul.c", HERE / "decode_attention.c")
 HEADERS = (HERE / "vectors.h",)
 # the kernels' torch operators, and the layer's small steps between them (eager CPU decode)
 TORCH_OPS = (HERE / "torch_ops.cpp", HERE / "layer_ops.cpp")
+TORCH_OPS_HEADERS = (HERE / "torch_ops.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BITS = {torch.uint8: 4, torch.int8: 8}  # packed dtype -> format (Q4_1, Q8_0)
 
@@ -120,7 +121,8 @@ def _build_torch_ops(kernels: Path) -> Path:
         *[*map(str, TORCH_OPS), str(kernels)],
         *[f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{kernels.parent}"],
     ]
-    inputs = [*(path.read_bytes() for path in TORCH_OPS), torch.__version__.encode()]
+    inputs = [*(path.read_bytes() for path in (*TORCH_OPS, *TORCH_OPS_HEADERS))]
+    inputs.append(torch.__version__.encode())
     inputs.append(str(root).encode())
     return _build("torch-ops", command, inputs)
 
@@ -287,13 +289,24 @@ def block_matmul_experts(
 def fits_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether `decode_attention` takes these tensors: float32 on a CPU, caches contiguous, a
     head size that is whole vectors on every CPU (a multiple of 16) and whole query groups."""
-    tensors = (q, k_cache, v_cache)
     return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and caches_fit_decode_attention(k_cache, v_cache, q.shape[1], q.shape[-1])
+    )
+
+
+def caches_fit_decode_attention(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, head_dim: int
+) -> bool:
+    """`fits_decode_attention` for float32 CPU queries of `num_heads` heads of `head_dim`, before
+    there are any (a whole decoder layer in one call checks it first)."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (k_cache, v_cache))
         and k_cache.is_contiguous()
         and v_cache.is_contiguous()
-        and q.shape[-1] % 16 == 0
-        and q.shape[1] % k_cache.shape[1] == 0
+        and head_dim % 16 == 0
+        and num_heads % k_cache.shape[1] == 0
     )
 
 

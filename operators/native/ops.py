@@ -40,6 +40,15 @@ _LIBRARY.define(
     "Tensor slots, Tensor positions, int num_heads, Tensor? q_norm, Tensor? k_norm, float eps) "
     "-> Tensor"
 )
+# A whole decoder layer for one decode token per row, as those steps and the kernels
+# (`operators.layer`): each projection is [weight or packed blocks, scales, mins, bias].
+_LIBRARY.define(
+    "decode_layer(Tensor x, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, "
+    "Tensor slots, Tensor positions, Tensor seq_lens, Tensor input_norm, float input_eps, "
+    "Tensor?[] qkv, int num_heads, Tensor? q_norm, Tensor? k_norm, float head_eps, float scale, "
+    "Tensor?[] o_proj, Tensor post_norm, float post_eps, Tensor?[] gate_up, Tensor?[] down) "
+    "-> Tensor"
+)
 
 block_matmul = torch.ops.ktinject.block_matmul.default
 dense_matmul = torch.ops.ktinject.dense_matmul.default
@@ -48,6 +57,7 @@ rms_norm = torch.ops.ktinject.rms_norm.default
 add_rms_norm = torch.ops.ktinject.add_rms_norm.default
 silu_mul = torch.ops.ktinject.silu_mul.default
 rope_write_kv = torch.ops.ktinject.rope_write_kv.default
+decode_layer = torch.ops.ktinject.decode_layer.default
 
 kernels: str | None = None  # which CPU kernels the operators have: "C++", "Python", or none yet
 

@@ -6,7 +6,8 @@
 // conversion, the Python kernel's own work, the dispatcher calling back into Python), these
 // ~3 us; a decode step of SmolLM2-135M makes ~150 such calls. The schemas and the Meta kernels
 // are defined in ops.py; this file only adds the CPU kernels, with the checks and messages of
-// the Python functions in operators/native/__init__.py.
+// the Python functions in operators/native/__init__.py. torch_ops.h declares them for the C++
+// that composes them (layer_ops.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +16,8 @@
 #include <torch/library.h>
 
 #include <optional>
+
+#include "torch_ops.h"
 
 extern "C" {
 int block_matmul(const float* x, int64_t M, int64_t K, const void* packed, const void* scales,
@@ -34,6 +37,14 @@ at::Tensor rows_of(const at::Tensor& x, const char* op) {
     TORCH_CHECK_VALUE(x.dim() == 2, op, " needs x as [rows, features], got ", x.sizes());
     return x.to(at::kFloat).contiguous();
 }
+
+bool fits_cpu_float(const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat;
+}
+
+}  // namespace
+
+namespace ktinject {
 
 at::Tensor block_matmul_cpu(const at::Tensor& x, const at::Tensor& packed,
                             const at::Tensor& scales, const std::optional<at::Tensor>& mins) {
@@ -78,10 +89,6 @@ at::Tensor dense_matmul_cpu(const at::Tensor& x, const at::Tensor& weight) {
     return out;
 }
 
-bool fits_cpu_float(const at::Tensor& t) {
-    return t.device().is_cpu() && t.scalar_type() == at::kFloat;
-}
-
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& slots,
                                 const at::Tensor& seq_lens, double scale) {
@@ -112,10 +119,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
     return out;
 }
 
-}  // namespace
+}  // namespace ktinject
 
 TORCH_LIBRARY_IMPL(ktinject, CPU, m) {
-    m.impl("block_matmul", &block_matmul_cpu);
-    m.impl("dense_matmul", &dense_matmul_cpu);
-    m.impl("decode_attention", &decode_attention_cpu);
+    m.impl("block_matmul", &ktinject::block_matmul_cpu);
+    m.impl("dense_matmul", &ktinject::dense_matmul_cpu);
+    m.impl("decode_attention", &ktinject::decode_attention_cpu);
 }
