@@ -43,6 +43,18 @@ def test_norms_equal_the_references(rows: int, width: int, seed: int) -> None:
     assert torch.equal(normed, want_normed)
 
 
+@pytest.mark.parametrize("width", [576, 1536, 2048, 4096, 5120])
+def test_norms_equal_the_references_at_real_model_widths(width: int) -> None:
+    """torch's sum takes other paths for long rows (more vectors, more partial sums): the norm's
+    division of torch's sum by N must still give torch's mean."""
+    generator = torch.Generator().manual_seed(width)
+    x, residual = torch.randn(2, 3, width, generator=generator) * 3
+    weight = torch.randn(width, generator=generator)
+    assert torch.equal(ops.rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
+    normed, total = ops.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(normed, add_rms_norm_reference(x, residual, weight, 1e-5)[0])
+
+
 @settings(max_examples=15, deadline=None)
 @given(shape=st.sampled_from([(1, 2), (3, 64), (2, 5, 3072)]), seed=st.integers(0, 2**16))
 def test_silu_mul_equals_the_reference(shape: tuple[int, ...], seed: int) -> None:
