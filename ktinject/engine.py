@@ -153,7 +153,8 @@ class Engine:
             m.layer_idx: m.cache_spec() for m in model.modules() if hasattr(m, "cache_spec")
         }
         decode_linears(model)  # CPU float32 projections decode through the C dot kernels
-        prepare_native_decode(model)  # and eager float32 CPU decode runs each layer in one call
+        # and eager float32 CPU decode runs each layer whose parts all have CPU kernels in one call
+        self.native_layers = prepare_native_decode(model)
         self.graph_blocked_by = graph_blocker(model)  # why decode is not captured, if it is not
         self.graph_requested = cuda_graph
         self.cuda_graph = (

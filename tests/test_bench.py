@@ -68,6 +68,9 @@ def test_tiny_bench_writes_json_and_matches_hf(tmp_path, capsys):
     assert f"{machine['cpu']} {machine['cpu_capability']} (cpu, " in table
     assert "decode tok/s @8" in table and "decode tok/s @40" in table
     assert "tokens equal hf-eager @40" in table
+    if result["machine"]["native_operators"] == "C++":  # every tiny layer has its CPU kernels
+        assert kt["decode_path"] == "eager, 2 of 2 decoder layers in one C++ call each"
+        assert f"ktinject decode path: {kt['decode_path']}" in table
 
 
 def test_long_context_can_be_skipped(capsys):

@@ -94,6 +94,8 @@ def _system(record: Record, settings: dict[str, Any], reference: Record | None) 
         result["capture_s"] = record.capture_s
     if record.decode_graphs is not None:
         result["decode_graphs"] = record.decode_graphs
+    if record.decode_path is not None:
+        result["decode_path"] = record.decode_path
     if reference is not None:
         result["matches_reference"] = {
             context: _match(_tokens(getattr(record, context)), _tokens(getattr(reference, context)))
@@ -196,8 +198,9 @@ def table(result: dict[str, Any]) -> str:
         cells += [str(c).rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
         lines.append("  ".join(cells))
     for name, system in result["systems"].items():
-        if system.get("decode_graphs"):
-            lines.append(f"{name} decode graphs: {system['decode_graphs']}")
+        for key in ("decode_graphs", "decode_path"):
+            if system.get(key):
+                lines.append(f"{name} {key.replace('_', ' ')}: {system[key]}")
         if system["error"]:
             lines.append(f"error in {name}: {system['error']}")
     return "\n".join(lines)

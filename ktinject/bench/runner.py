@@ -155,6 +155,7 @@ class Record:
     windows: list[Window] = field(default_factory=list)
     capture_s: float | None = None
     decode_graphs: str | None = None  # which decode graph the engine kept, if it chose
+    decode_path: str | None = None  # on a CPU: compiled, or how many layers run as one call
     error: str | None = None
 
 
@@ -354,6 +355,7 @@ def _sample(system: Any, record: Record, prompt: torch.Tensor, settings: Setting
         return None
     record.capture_s = getattr(system, "capture_s", None)
     record.decode_graphs = getattr(system, "decode_graphs", None)
+    record.decode_path = getattr(system, "decode_path", None)
     return sample
 
 

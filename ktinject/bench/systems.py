@@ -126,6 +126,18 @@ class Ktinject:
         paths = {True: "fused Triton projections and attention", False: "separate kernels"}
         return ", ".join(f"batch {b}: {paths[fused]}" for b, fused in choice.items()) or None
 
+    @property
+    def decode_path(self) -> str | None:
+        """How the engine decodes on a CPU: one compiled graph, or eagerly with how many decoder
+        layers as one C++ call each (`operators.layer`)."""
+        engine = self.engine
+        if engine is None or engine.device.type != "cpu" or not engine.static:
+            return None
+        if engine.compiled is not None:
+            return "one torch.compile graph a step"
+        layers = getattr(engine.model.config, "num_hidden_layers", "?")
+        return f"eager, {engine.native_layers} of {layers} decoder layers in one C++ call each"
+
     def run(self, prompt: torch.Tensor, n: int) -> Sample:
         """Prompt [B, P]: each row prefilled into its own slot, then all rows decoded together,
         as the server batches requests. Tokens are returned row after row."""
