@@ -408,16 +408,17 @@ def linear_dtype_device(layer: nn.Module) -> tuple[torch.dtype, torch.device]:
 def native_projection(linear: nn.Module) -> tuple[list[torch.Tensor | None], int] | None:
     """`linear` as `operators.native.ops.decode_layer` takes a projection, [weight or packed
     blocks, scales, mins, bias], and the most float32 rows for which its own forward calls the
-    C kernels (so the layer's one call computes the same values); None where it never does."""
-    if not native_available():
-        return None
+    C kernels (so the layer's one call computes the same values); None where it never does.
+    Weights elsewhere than on a CPU never build the kernels (a GPU model's engine asks too)."""
     if type(linear) is DecodeLinear:
         weight = linear.weight
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             return None
-        return [weight, None, None, linear.bias], DENSE_ROWS
-    if isinstance(linear, BlockQuantLinear):
+        projection = [weight, None, None, linear.bias], DENSE_ROWS
+    elif isinstance(linear, BlockQuantLinear):
         if linear.compute_dtype != torch.float32 or linear.device.type != "cpu":
             return None
-        return [linear.packed, linear.scales, linear.mins, linear.bias], sys.maxsize
-    return None
+        projection = [linear.packed, linear.scales, linear.mins, linear.bias], sys.maxsize
+    else:
+        return None
+    return projection if native_available() else None

@@ -40,6 +40,7 @@ from operators.linear import (
     block_gemv,
     decode_linears,
     dequantize,
+    native_projection,
     quantize_blocks,
 )
 from operators.native import ops as native_ops
@@ -384,3 +385,16 @@ def test_embedded_model_keeps_its_gguf_weights(smollm2) -> None:
     assert engine_greedy(Engine(q4.model), prompt, 12) == engine_greedy(
         Engine(smollm2.model), prompt, 12
     )
+
+
+def test_projections_off_the_cpu_are_refused_before_any_kernel_build(monkeypatch) -> None:
+    """Every engine asks its decoder layers' projections whether they can decode in one C++
+    call, a GPU model's too: anything but float32 weights on a CPU says no without building the
+    C kernels (~35 s the first time, and a warning where there is no compiler)."""
+    monkeypatch.setattr(
+        operators.linear, "native_available", lambda: pytest.fail("the kernels were built")
+    )
+    assert native_projection(nn.Linear(64, 32)) is None  # projections on a GPU stay nn.Linear
+    assert native_projection(DecodeLinear(64, 32, dtype=torch.bfloat16)) is None
+    bf16_blocks = BlockQuantLinear(64, 32, fmt=FORMATS["q4_1"], dtype=torch.bfloat16, bias=None)
+    assert native_projection(bf16_blocks) is None
