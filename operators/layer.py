@@ -155,7 +155,7 @@ class FusedResidualDecoderLayer(Operator):
         norms = (self.input_layernorm, self.post_attention_layernorm)
         if attention is None or mlp is None or native_ops.kernels != "C++":
             return False
-        if not all(isinstance(n, RMSNorm) and _cpu_float(n.weight) for n in norms):
+        if not all(isinstance(n, RMSNorm) and native.cpu_float32(n.weight) for n in norms):
             return False
         (heads, (qkv, o_proj), attention_rows), ((gate_up, down), mlp_rows) = attention, mlp
         first, second = norms
@@ -220,10 +220,6 @@ def _fused_silu(mlp: nn.Module, x: torch.Tensor) -> bool:
         and _plain(mlp.gate_up, x)
         and _plain(mlp.down_proj, x)
     )
-
-
-def _cpu_float(weight: torch.Tensor) -> bool:
-    return weight.dtype == torch.float32 and weight.device.type == "cpu"
 
 
 def prepare_native_decode(model: nn.Module) -> int:

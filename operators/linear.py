@@ -411,10 +411,9 @@ def native_projection(linear: nn.Module) -> tuple[list[torch.Tensor | None], int
     C kernels (so the layer's one call computes the same values); None where it never does.
     Weights elsewhere than on a CPU never build the kernels (a GPU model's engine asks too)."""
     if type(linear) is DecodeLinear:
-        weight = linear.weight
-        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        if not native.cpu_float32(linear.weight):
             return None
-        projection = [weight, None, None, linear.bias], DENSE_ROWS
+        projection = [linear.weight, None, None, linear.bias], DENSE_ROWS
     elif isinstance(linear, BlockQuantLinear):
         if linear.compute_dtype != torch.float32 or linear.device.type != "cpu":
             return None

@@ -286,14 +286,15 @@ def block_matmul_experts(
     return out
 
 
+def cpu_float32(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is float32 on a CPU: what every kernel here and its C++ operators read."""
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+
+
 def fits_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether `decode_attention` takes these tensors: float32 on a CPU, caches contiguous, a
     head size that is whole vectors on every CPU (a multiple of 16) and whole query groups."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and caches_fit_decode_attention(k_cache, v_cache, q.shape[1], q.shape[-1])
-    )
+    return cpu_float32(q) and caches_fit_decode_attention(k_cache, v_cache, q.shape[1], q.shape[-1])
 
 
 def caches_fit_decode_attention(
@@ -302,7 +303,8 @@ def caches_fit_decode_attention(
     """`fits_decode_attention` for float32 CPU queries of `num_heads` heads of `head_dim`, before
     there are any (a whole decoder layer in one call checks it first)."""
     return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (k_cache, v_cache))
+        cpu_float32(k_cache)
+        and cpu_float32(v_cache)
         and k_cache.is_contiguous()
         and v_cache.is_contiguous()
         and head_dim % 16 == 0

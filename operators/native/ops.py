@@ -79,9 +79,7 @@ def layer_ops_serve(*tensors: torch.Tensor) -> bool:
         kernels == "C++"
         and not torch.compiler.is_compiling()
         and all(
-            t.device.type == "cpu"
-            and t.dtype == torch.float32
-            and not (t.requires_grad and torch.is_grad_enabled())
+            native.cpu_float32(t) and not (t.requires_grad and torch.is_grad_enabled())
             for t in tensors
         )
     )
